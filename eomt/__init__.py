@@ -1,0 +1,3 @@
+"""EoMT: the Encoder-only Mask Transformer."""
+
+__version__ = "0.1.0"
