@@ -1,0 +1,65 @@
+"""What every entry point does before its real work: check the config, pick the device, record the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail in one line on combinations the config groups cannot express."""
+    task = cfg.task.name
+    if task not in cfg.dataset:
+        supported = [t for t in ("panoptic", "semantic", "instance") if t in cfg.dataset]
+        raise SystemExit(
+            f"error: dataset {cfg.dataset.name} has no {task} annotations; use task={'|'.join(supported)}"
+        )
+    precision = cfg.trainer.precision
+    if precision not in AMP_DTYPES:
+        raise SystemExit(f"error: trainer.precision={precision} is not one of {'|'.join(AMP_DTYPES)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: trainer.device={name} but no CUDA device is visible; use trainer.device=cpu")
+    if name == "cuda":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', 0)))}"
+    return torch.device(name)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_run_info(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config and the code version, so every run directory says what produced it."""
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / "run_info.json", {"git_commit": git_commit(), "torch": torch.__version__})
