@@ -26,13 +26,13 @@ from tqdm import tqdm
 from eomt import distributed
 from eomt.checkpointing import CheckpointManager, rng_state, set_rng_state
 from eomt.data import build_dataset
-from eomt.data.collate import collate_train
+from eomt.data.collate import collate_train, count_skipped
 from eomt.data.sampler import ResumableSampler, SeededSamples
 from eomt.model import build_model
 from eomt.model.checkpoints import load_checkpoint
 from eomt.preemption import PreemptionHandler
 from eomt.run_setup import AMP_DTYPES, check_config, resolve_device, write_run_info
-from eomt.training import annealing_probs, default_annealing_windows, lr_factor, param_groups
+from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
 from eomt.validation import Validator
 
 log = logging.getLogger("eomt.train")
@@ -61,27 +61,10 @@ def annealing_schedule(cfg: DictConfig, model: torch.nn.Module, total_steps: int
     num_blocks = model.attn_mask_probs.numel()
     if not cfg.schedule.annealing:
         return lambda step: [1.0] * num_blocks
-    starts, ends = default_annealing_windows(total_steps, num_blocks)
-    if cfg.schedule.anneal_starts is not None:
-        starts = list(cfg.schedule.anneal_starts)
-    if cfg.schedule.anneal_ends is not None:
-        ends = list(cfg.schedule.anneal_ends)
-    if cfg.schedule.anneal_first_block is not None:
-        starts[0], ends[0] = cfg.schedule.anneal_first_block
+    starts, ends = annealing_windows(
+        total_steps, num_blocks, cfg.schedule.anneal_starts, cfg.schedule.anneal_ends
+    )
     return lambda step: annealing_probs(step, starts, ends, cfg.schedule.poly_power)
-
-
-def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, total_steps: int, sched: DictConfig) -> None:
-    for group in optimizer.param_groups:
-        factor = lr_factor(
-            step,
-            total_steps,
-            sched.warmup_steps,
-            sched.backbone_warmup_steps,
-            is_backbone=group["is_backbone"] and sched.two_stage_warmup,
-            power=sched.poly_power,
-        )
-        group["lr"] = group["base_lr"] * factor
 
 
 class Trainer:
@@ -93,7 +76,7 @@ class Trainer:
         self.main = distributed.is_main()
         precision = cfg.trainer.precision if self.device.type == "cuda" else "fp32"
         self.amp_dtype = AMP_DTYPES[precision]
-        torch.manual_seed(cfg.seed + self.env.rank)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -112,6 +95,7 @@ class Trainer:
         self.last_step = min(self.total_steps, cfg.trainer.max_steps or self.total_steps)
 
         self.model = build_model(cfg.model).to(self.device)  # the bare module: saved, evaluated
+        torch.manual_seed(cfg.seed + self.env.rank)  # ranks sample loss points and masks independently
         if cfg.trainer.init_from:
             load_checkpoint(self.model, cfg.trainer.init_from, skip_class_head=cfg.trainer.skip_class_head)
         self.criterion = instantiate(cfg.loss).to(self.device)
@@ -135,7 +119,11 @@ class Trainer:
         self.validated_at = -1
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.epoch_skipped = 0  # corrupt files the loaders skipped this epoch
+        self.history: list[dict[str, float]] = []  # this process's per-step logs, for tests and callers
 
+        if self.env.world_size > 1:  # the ViT-Adapter baseline has BatchNorm; EoMT has none
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.forward_model = torch.compile(self.model) if cfg.trainer.compile else self.model
         if self.env.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -182,16 +170,30 @@ class Trainer:
         if self.annealing is not None:
             probs = self.annealing(self.step)
             self.model.attn_mask_probs.copy_(torch.tensor(probs, dtype=self.model.attn_mask_probs.dtype))
-        set_learning_rates(self.optimizer, self.step, self.total_steps, self.cfg.schedule)
+        sched = self.cfg.schedule
+        set_lr(
+            self.optimizer,
+            self.step,
+            self.total_steps,
+            sched.warmup_steps,
+            sched.backbone_warmup_steps,
+            sched.poly_power,
+            sched.two_stage_warmup,
+        )
         logs: dict[str, float] = {}
         finite = True
         for i, (images, targets) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True).float().div_(255)
-            targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+            self.epoch_skipped += count_skipped(targets)
+            targets = [
+                {k: t[k].to(self.device, non_blocking=True) for k in ("masks", "labels")} for t in targets
+            ]
             sync = i == len(micro_batches) - 1 or self.env.world_size == 1
             no_sync = self.forward_model.no_sync if not sync else nullcontext
             with no_sync():
-                autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+                autocast = torch.autocast(
+                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                )
                 with autocast:
                     mask_logits, class_logits = self.forward_model(images)
                 if not self.cfg.trainer.intermediate_losses:
@@ -201,7 +203,7 @@ class Trainer:
                 self.scaler.scale(loss / len(micro_batches)).backward()
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / len(micro_batches)
-            logs["loss"] = logs.get("loss", 0.0) + float(loss) / len(micro_batches)
+            logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / len(micro_batches)
 
         if not distributed.all_true(finite):
             self.optimizer.zero_grad(set_to_none=True)
@@ -244,7 +246,9 @@ class Trainer:
         self.resume()
         self.preemption.install()
         writer = SummaryWriter(self.run_dir / "tb", purge_step=self.step) if self.main else None
-        progress = tqdm(total=self.last_step, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
+        progress = tqdm(
+            total=self.last_step, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True
+        )
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         try:
@@ -256,16 +260,23 @@ class Trainer:
                     self.step += 1
                     progress.update(1)
                     if logs is not None:
+                        self.history.append({"step": self.step, **logs})
                         for k, v in logs.items():
                             window[k] = window.get(k, 0.0) + v
                         window_steps += 1
                         progress.set_postfix(loss=f"{logs['loss']:.3f}")
-                    if writer is not None and (self.step % self.cfg.trainer.log_every_steps == 0 or self.step == 1):
+                    if writer is not None and (
+                        self.step % self.cfg.trainer.log_every_steps == 0 or self.step == 1
+                    ):
                         elapsed = time.perf_counter() - window_start
                         self.log_scalars(writer, window, window_steps, elapsed)
                         window, window_steps, window_start = {}, 0, time.perf_counter()
                     stop = self.preemption.should_stop()
-                    if self.step % self.cfg.trainer.ckpt_every_steps == 0 or stop or self.step == self.last_step:
+                    if (
+                        self.step % self.cfg.trainer.ckpt_every_steps == 0
+                        or stop
+                        or self.step == self.last_step
+                    ):
                         self.save()
                     if stop:
                         log.info("preemption signal: checkpoint written at step %d, exiting", self.step)
@@ -274,6 +285,8 @@ class Trainer:
                     if self.step == self.last_step:
                         break
                 end_of_epoch = self.step % self.steps_per_epoch == 0
+                if end_of_epoch:
+                    self.report_skipped(epoch, writer)
                 if self.validator and end_of_epoch and (epoch + 1) % self.cfg.eval.every_epochs == 0:
                     self.validate(writer)
             if self.validated_at != self.step:
@@ -285,6 +298,18 @@ class Trainer:
         if self.skipped_steps:
             log.warning("%d steps were skipped for non-finite losses", self.skipped_steps)
 
+    def report_skipped(self, epoch: int, writer: SummaryWriter | None) -> None:
+        skipped = int(
+            distributed.all_reduce_sum_(torch.tensor(float(self.epoch_skipped), device=self.device)).item()
+        )
+        if skipped and self.main:
+            log.warning(
+                "epoch %d: %d corrupt files were skipped (see the warnings naming them)", epoch, skipped
+            )
+        if writer is not None:
+            writer.add_scalar("data/skipped_files", skipped, self.step)
+        self.epoch_skipped = 0
+
     def validate(self, writer: SummaryWriter | None) -> None:
         if self.validator is None:
             return
@@ -292,7 +317,9 @@ class Trainer:
         self.validated_at = self.step
         self.model.train()
 
-    def log_scalars(self, writer: SummaryWriter, window: dict[str, float], steps: int, elapsed: float) -> None:
+    def log_scalars(
+        self, writer: SummaryWriter, window: dict[str, float], steps: int, elapsed: float
+    ) -> None:
         for k, v in window.items():
             writer.add_scalar(f"train/{k}", v / max(steps, 1), self.step)
         for group in self.optimizer.param_groups:

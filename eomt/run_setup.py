@@ -31,7 +31,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: trainer.device={name} but no CUDA device is visible; use trainer.device=cpu")
+        raise SystemExit(
+            f"error: trainer.device={name} but no CUDA device is visible; use trainer.device=cpu"
+        )
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', 0)))}"
     return torch.device(name)
@@ -40,7 +42,11 @@ def resolve_device(name: str) -> torch.device:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None

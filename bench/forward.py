@@ -1,0 +1,78 @@
+"""Forward-pass benchmark of a network built from the config with random weights.
+
+    python bench/forward.py model=vit_l [overrides] --batch 1 --compile --dtype bf16 --device cuda --iters 50
+
+Prints images/s, GFLOPs per image (torch.utils.flop_counter) and, on CUDA, peak memory. Masked attention
+is off unless an override turns it on (`model.masked_attn=true`): that is how EoMT runs at inference.
+"""
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from eomt.config import compose
+from eomt.model import build_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. model=vit_s model.img_size=[640,640]"
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network first")
+    parser.add_argument("--iters", type=int, default=20, help="timed forward passes")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes (compilation included)")
+    return parser.parse_intermixed_args()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = compose(["model.masked_attn=false", *args.overrides, "model.pretrained=false"])
+    device = torch.device(args.device)
+    model = build_model(cfg.model).to(device).eval()
+    images = torch.rand(args.batch, 3, *model.img_size, device=device)
+    autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+
+    with torch.no_grad(), autocast:
+        with FlopCounterMode(display=False) as counter:
+            model(images)
+        gflops = counter.get_total_flops() / args.batch / 1e9
+
+        network = torch.compile(model) if args.compile else model
+        for _ in range(args.warmup):
+            network(images)
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            network(images)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"{cfg.model.name} {model.img_size[0]}x{model.img_size[1]} batch {args.batch} {args.dtype} "
+        f"{device.type}{' compiled' if args.compile else ''} masked_attn={model.masked_attn}: "
+        f"{params:.1f}M params, {gflops:.1f} GFLOPs/image, {args.iters * args.batch / elapsed:.3g} images/s"
+    )
+    if device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

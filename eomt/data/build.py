@@ -1,0 +1,49 @@
+"""Build a dataset from its config node (conf/dataset/*.yaml) for one task and split."""
+
+from __future__ import annotations
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from eomt.data.transforms import TrainTransform
+
+TASKS = ("panoptic", "semantic", "instance")
+
+
+def supported_tasks(dataset_cfg: DictConfig) -> list[str]:
+    """The tasks a dataset config has annotations for (its task nodes), read without resolving them."""
+    return [task for task in TASKS if task in dataset_cfg]
+
+
+def check_task(dataset_cfg: DictConfig, task: str) -> None:
+    """One-line error when the dataset has no annotations for `task`."""
+    supported = supported_tasks(dataset_cfg)
+    if task not in supported:
+        name = dataset_cfg.get("name", "?")
+        raise ValueError(f"dataset {name} has no {task} annotations; supported: {', '.join(supported)}")
+
+
+def build_dataset(dataset_cfg: DictConfig, task: str, split: str, train: bool) -> Dataset:
+    """The task node's dataset for `split`, with the training transform when `train`.
+
+    `dataset_cfg` is the composed config's `dataset` node (its interpolations resolve against the
+    whole config).
+    """
+    check_task(dataset_cfg, task)
+    transform = None
+    if train:
+        transform = TrainTransform(
+            crop_size=list(dataset_cfg.crop_size),
+            scale_range=list(dataset_cfg.scale_range),
+            color_jitter=bool(dataset_cfg.color_jitter),
+        )
+    try:
+        return instantiate(dataset_cfg[task].dataset, split=split, transform=transform)
+    except InstantiationException as e:
+        # Hydra wraps the dataset's own one-line error (missing zip, mismatched annotations) in a
+        # multi-line message; show the user the original.
+        if isinstance(e.__cause__, (FileNotFoundError, ValueError)):
+            raise e.__cause__ from None
+        raise

@@ -1,0 +1,122 @@
+"""Turn one image's mask and class logits into a panoptic map, instances or a semantic map.
+
+All three are vectorised tensor code on the logits' device; the only Python loop is panoptic's
+walk over the kept queries (tens of them) to number segments and merge stuff, which touches
+no pixel. Inputs are float32 logits; class logits have C+1 entries, the last is "no object".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def panoptic_keep(
+    class_logits: torch.Tensor, score_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries whose top class is a real class with probability > `score_threshold`.
+
+    Returns (indices, scores, labels) of the kept queries; lets callers upsample only their masks.
+    """
+    num_classes = class_logits.shape[-1] - 1
+    scores, labels = class_logits.float().softmax(-1).max(-1)
+    keep = (labels != num_classes) & (scores > score_threshold)
+    indices = keep.nonzero().squeeze(1)
+    return indices, scores[indices], labels[indices]
+
+
+def panoptic_segments(
+    mask_logits: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    is_thing: torch.Tensor,
+    overlap_threshold: float = 0.8,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Mask2Former's panoptic rule on the kept queries (in their order).
+
+    mask_logits (K,H,W), scores (K,), labels (K,) of kept queries; is_thing: bool (C,).
+    Each pixel goes to the query with the largest score x sigmoid(mask) and is kept where that
+    query's own mask >= 0.5. A query is dropped when it wins no such pixel or when the pixels it
+    wins are fewer than `overlap_threshold` of its mask >= 0.5 area. Stuff queries of one class
+    share the segment of the first one. Returns an int32 id map (0 = void, segments from 1) and
+    `[{"id", "category_id", "isthing", "score"}]`.
+    """
+    height, width = mask_logits.shape[-2:]
+    device = mask_logits.device
+    num_queries = mask_logits.shape[0]
+    if num_queries == 0:
+        return torch.zeros((height, width), dtype=torch.int32, device=device), []
+    probs = mask_logits.float().sigmoid()
+    winner = (scores[:, None, None] * probs).argmax(0)  # (H,W)
+    own_mask = probs >= 0.5
+    winner_on_own_mask = own_mask.gather(0, winner[None])[0]
+
+    won_area = torch.bincount(winner.flatten(), minlength=num_queries)
+    mask_area = own_mask.flatten(1).sum(1)
+    final_area = torch.bincount(
+        torch.where(winner_on_own_mask, winner, num_queries).flatten(), minlength=num_queries + 1
+    )[:-1]
+    kept = (mask_area > 0) & (won_area > 0) & (final_area > 0)
+    # the ratio in float64, as Mask2Former's Python division computes it
+    kept &= won_area.double() / mask_area.clamp(min=1).double() >= overlap_threshold
+
+    segment_of_query = [0] * num_queries
+    segments: list[dict] = []
+    stuff_segment: dict[int, int] = {}
+    thing_flags = is_thing[labels].tolist()
+    for k, (keep, label, score, thing) in enumerate(
+        zip(kept.tolist(), labels.tolist(), scores.tolist(), thing_flags, strict=True)
+    ):
+        if not keep:
+            continue
+        if not thing and label in stuff_segment:
+            segment_of_query[k] = stuff_segment[label]
+            continue
+        segments.append(
+            {"id": len(segments) + 1, "category_id": label, "isthing": bool(thing), "score": score}
+        )
+        segment_of_query[k] = len(segments)
+        if not thing:
+            stuff_segment[label] = len(segments)
+    lookup = torch.tensor(segment_of_query, dtype=torch.int32, device=device)
+    id_map = torch.where(winner_on_own_mask, lookup[winner], 0).to(torch.int32)
+    return id_map, segments
+
+
+def instance_topk(
+    class_logits: torch.Tensor, topk: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top `topk` (query, class) pairs by class probability, "no object" excluded.
+
+    Returns (query indices, labels, class probabilities), each (k,), k = min(topk, Q*C).
+    """
+    probs = class_logits.float().softmax(-1)[:, :-1]
+    num_classes = probs.shape[1]
+    top_probs, flat = probs.flatten().topk(min(topk, probs.numel()), sorted=False)
+    return flat // num_classes, flat % num_classes, top_probs
+
+
+def instance_masks(mask_logits: torch.Tensor, class_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary masks (logit > 0) and scores = class probability x mean sigmoid inside the mask."""
+    masks = mask_logits > 0
+    probs = mask_logits.float().sigmoid()
+    inside = masks.flatten(1)
+    mask_scores = (probs.flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
+    return masks, class_probs * mask_scores
+
+
+def semantic_scores(mask_logits: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class scores (B,C,H,W) = sum over queries of sigmoid(mask) x softmax(class)[:C]."""
+    class_probs = class_logits.float().softmax(-1)[..., :-1]
+    return torch.einsum("bqhw,bqc->bchw", mask_logits.float().sigmoid(), class_probs)
+
+
+def thing_mask(
+    num_classes: int, thing_classes: Sequence[int], device: torch.device | None = None
+) -> torch.Tensor:
+    """bool (C,) with True at thing classes."""
+    flags = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    if len(thing_classes):
+        flags[torch.as_tensor(list(thing_classes), device=device)] = True
+    return flags

@@ -1,0 +1,165 @@
+"""Instance segmentation: COCO mask AP through pycocotools' COCOeval (`segm`).
+
+Predictions are RLE-encoded masks with a score and no `bbox` key: with a box present, COCOeval's
+`loadRes` would take areas from the boxes. Ground-truth areas are the annotations' `area`, as in
+the official COCO evaluation. Optionally the Cityscapes AP convention alongside
+(`eomt.metrics.cityscapes_instance`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from eomt.distributed import broadcast_object, is_main
+from eomt.metrics.cityscapes_instance import CityscapesImageMatches, cityscapes_ap, match_cityscapes_image
+from eomt.metrics.sync import gather_to_main
+
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict]:
+    """Binary masks (K,H,W) -> COCO RLE dicts (`counts` as bytes)."""
+    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if masks.shape[0] == 0:
+        return []
+    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+
+
+def coco_mask_ap(
+    images: Sequence[dict], ground_truth: Sequence[dict], detections: Sequence[dict], num_classes: int
+) -> dict[str, Any]:
+    """COCOeval `segm` on in-memory data; category ids are contiguous 0..num_classes-1.
+
+    images: `{"id", "height", "width"}`; ground_truth: `{"image_id", "category_id", "segmentation",
+    "area", "iscrowd"}`; detections: `{"image_id", "category_id", "segmentation", "score"}`.
+    Returns AP, AP50, AP75, APs, APm, APl (fractions; nan where COCO has no ground truth to
+    score) and "per_class" AP.
+    """
+    nan_result = {key: float("nan") for key in COCO_STATS} | {
+        "per_class": dict.fromkeys(range(num_classes), float("nan"))
+    }
+    if not ground_truth:
+        return nan_result
+    # COCOeval treats an id of 0 as "unmatched", so shift annotation and category ids by one.
+    gt = COCO()
+    gt.dataset = {
+        "images": list(images),
+        "annotations": [
+            {**ann, "id": i + 1, "category_id": ann["category_id"] + 1} for i, ann in enumerate(ground_truth)
+        ],
+        "categories": [{"id": c + 1} for c in range(num_classes)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        gt.createIndex()
+        if detections:
+            dt = gt.loadRes(
+                [
+                    {k: v for k, v in d.items() if k != "bbox"} | {"category_id": d["category_id"] + 1}
+                    for d in detections
+                ]
+            )
+        else:  # loadRes cannot take an empty list; COCOeval scores no detections as AP 0
+            dt = COCO()
+            dt.dataset = {"images": list(images), "annotations": [], "categories": gt.dataset["categories"]}
+            dt.createIndex()
+        evaluator = COCOeval(gt, dt, iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = [float(s) if s >= 0 else float("nan") for s in evaluator.stats[:6]]
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # IoU x recall x class, area all, 100 dets
+    per_class = {}
+    for c in range(num_classes):
+        valid = precision[:, :, c][precision[:, :, c] > -1]
+        per_class[c] = float(valid.mean()) if valid.size else float("nan")
+    return dict(zip(COCO_STATS, stats, strict=True)) | {"per_class": per_class}
+
+
+class InstanceEvaluator:
+    """Mask AP; `compute()` gathers every rank's images on rank 0, scores them, shares the result.
+
+    Predictions: `{"masks": bool (K,H,W), "labels": int (K,), "scores": float (K,)}` per image;
+    samples carry `instances` (COCO-style dicts, RLE `segmentation`, contiguous `category_id`).
+    With `cityscapes_ap=True` the result also holds "cityscapes": {"AP", "AP50", "per_class"}.
+    Images are keyed by `image_id`, so an image evaluated twice counts once.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        cityscapes_ap: bool = False,
+        min_region_size: int = 100,
+        ignore_index: int = 255,
+    ):
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else None
+        self.cityscapes_ap = cityscapes_ap
+        self.min_region_size = min_region_size
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        self._images: dict[Any, dict] = {}
+
+    def update(self, predictions: Sequence[dict], samples: Sequence[dict]) -> None:
+        for prediction, sample in zip(predictions, samples, strict=True):
+            height, width = (int(s) for s in sample["orig_size"])
+            if tuple(prediction["masks"].shape[-2:]) != (height, width):
+                raise ValueError(
+                    f"predicted masks are {tuple(prediction['masks'].shape[-2:])}, image {height}x{width}"
+                )
+            labels = prediction["labels"].tolist()
+            scores = prediction["scores"].tolist()
+            record: dict[str, Any] = {
+                "height": height,
+                "width": width,
+                "ground_truth": [
+                    {k: ann[k] for k in ("category_id", "segmentation", "area", "iscrowd")}
+                    for ann in sample["instances"]
+                ],
+                "detections": [
+                    {"category_id": int(label), "segmentation": rle, "score": float(score)}
+                    for rle, label, score in zip(
+                        encode_masks(prediction["masks"]), labels, scores, strict=True
+                    )
+                ],
+            }
+            if self.cityscapes_ap:
+                void = None
+                if sample.get("semantic") is not None:
+                    void = torch.as_tensor(sample["semantic"]) == self.ignore_index
+                record["cityscapes"] = match_cityscapes_image(prediction, sample["instances"], void)
+            self._images[sample["image_id"]] = record
+
+    def compute(self) -> dict[str, Any]:
+        parts = gather_to_main(self._images)
+        result = None
+        if is_main():
+            merged: dict[Any, dict] = {}
+            for part in parts:
+                merged.update(part)
+            result = self._score(list(merged.values()))
+        return broadcast_object(result)
+
+    def _score(self, records: list[dict]) -> dict[str, Any]:
+        images, ground_truth, detections = [], [], []
+        for image_id, record in enumerate(records, start=1):
+            images.append({"id": image_id, "height": record["height"], "width": record["width"]})
+            ground_truth += [{**ann, "image_id": image_id} for ann in record["ground_truth"]]
+            detections += [{**det, "image_id": image_id} for det in record["detections"]]
+        result = coco_mask_ap(images, ground_truth, detections, self.num_classes)
+        result["num_images"] = len(records)
+        if self.cityscapes_ap:
+            matches: list[CityscapesImageMatches] = [r["cityscapes"] for r in records]
+            result["cityscapes"] = cityscapes_ap(matches, self.num_classes, self.min_region_size)
+        return result

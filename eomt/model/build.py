@@ -1,0 +1,19 @@
+"""Build the network from its config node (`cfg.model`)."""
+
+from collections.abc import Mapping
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+
+def build_model(model_cfg: DictConfig | Mapping) -> nn.Module:
+    """Instantiate `model_cfg` (a conf/model/*.yaml node) without its `name`, which only labels runs."""
+    if isinstance(model_cfg, DictConfig):
+        kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    else:
+        kwargs = dict(model_cfg)
+    if "_target_" not in kwargs:
+        raise ValueError("model config has no _target_: pick a model with model=<name> (see conf/model/)")
+    kwargs.pop("name", None)
+    return instantiate(kwargs, _convert_="all")

@@ -1,0 +1,416 @@
+"""Load EoMT weights from our checkpoints, the authors' releases and Transformers checkpoints.
+
+The layout is recognised from the keys; no user conversion:
+
+- ours: a trainer checkpoint `{"model": state_dict, ...}` or a bare EoMT state dict.
+- the authors' released `pytorch_model.bin` (state dict possibly under "state_dict"), keys under `network.`:
+  - DINOv2 models keep timm's backbone keys (`network.encoder.backbone.blocks.0.attn.qkv.weight`);
+  - DINOv3 models keep the Transformers DINOv3 backbone layout
+    (`network.encoder.backbone.patch_embed.patch_embeddings.weight`, `...blocks.0.attention.q_proj.weight`)
+    and store the backbone as a *delta* from the pretrained DINOv3 weights (checkpoint = backbone + delta).
+    The authors published every DINOv3 model that way, so that layout is what marks a delta checkpoint.
+    Loading one needs the network built with its pretrained backbone (`model.pretrained=true`, offline
+    with `model.pretrained_file=...`) and the `_qkvb` timm variant (the deltas train q/v biases).
+- Transformers: `EomtForUniversalSegmentation` (DINOv2, `embeddings.patch_embeddings.projection.weight`)
+  or `EomtDinov3ForUniversalSegmentation` (`embeddings.patch_embeddings.weight`): a directory written by
+  `save_pretrained` (safetensors or bin, sharded or not) or one weights file.
+
+External layouts are tables of key templates (`{i}`: a block index, `{p}`: weight/bias, `{rest}`: any
+suffix) read in both directions, so the Transformers exporter uses the same tables.
+"""
+
+import json
+import pickle
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+_PLACEHOLDERS = {"i": r"\d+", "p": r"weight|bias", "rest": r".+"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the network."""
+
+
+@cache
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for name, value in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape(f"{{{name}}}"), f"(?P<{name}>{value})")
+    return re.compile(pattern)
+
+
+def _fill(template: str, match: re.Match) -> str:
+    return template.format(**match.groupdict())
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One external key template <-> one of our key templates.
+
+    part/parts: the external tensor is slice `part` of `parts` equal slices (dim 0) of ours, e.g. q/k/v of
+    a fused qkv. squeeze: the external tensor lacks our leading singleton dimension.
+    """
+
+    external: str
+    ours: str
+    part: int = 0
+    parts: int = 1
+    squeeze: bool = False
+
+
+def _nest(rules: Iterable[KeyRule], external_prefix: str, ours_prefix: str) -> tuple[KeyRule, ...]:
+    return tuple(
+        KeyRule(external_prefix + r.external, ours_prefix + r.ours, r.part, r.parts, r.squeeze) for r in rules
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout: how its keys map to ours, which keys EoMT has no use for, and whether the
+    backbone is stored relative to the pretrained backbone."""
+
+    name: str
+    rules: tuple[KeyRule, ...]
+    ignored: tuple[str, ...] = ()
+    backbone_is_delta: bool = False
+
+    def ignores(self, key: str) -> bool:
+        return any(_template_regex(t).fullmatch(key) for t in self.ignored)
+
+    def to_ours(self, state: Mapping[str, Tensor]) -> "Converted":
+        """Our state dict from one in this layout."""
+        converted = Converted()
+        slices: dict[str, dict[int, Tensor]] = defaultdict(dict)
+        num_slices: dict[str, int] = {}
+        for key, value in state.items():
+            if self.ignores(key):
+                continue
+            placed = False
+            for rule in self.rules:
+                match = _template_regex(rule.external).fullmatch(key)
+                if match is None:
+                    continue
+                ours = _fill(rule.ours, match)
+                tensor = value.unsqueeze(0) if rule.squeeze else value
+                if rule.parts == 1:
+                    converted.state[ours] = tensor
+                else:
+                    slices[ours][rule.part] = tensor
+                    num_slices[ours] = rule.parts
+                placed = True
+                break
+            if not placed:
+                converted.unplaced.append(key)
+        for ours, pieces in slices.items():
+            if len(pieces) == num_slices[ours]:
+                converted.state[ours] = torch.cat([pieces[i] for i in range(len(pieces))], dim=0)
+            else:
+                converted.incomplete.append(f"{ours} ({len(pieces)} of {num_slices[ours]} slices)")
+        return converted
+
+    def from_ours(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A state dict in this layout from ours; every key must have a place."""
+        out: dict[str, Tensor] = {}
+        for key, value in state.items():
+            targets = [
+                (rule, match)
+                for rule in self.rules
+                if (match := _template_regex(rule.ours).fullmatch(key)) is not None
+            ]
+            if not targets:
+                raise CheckpointError(
+                    f"{key} has no place in the {self.name} layout: this network cannot be exported to it"
+                )
+            if len(targets) > 1 and any(rule.parts == 1 for rule, _ in targets):
+                raise CheckpointError(
+                    f"{key} maps to several {self.name} keys: the layout table is ambiguous"
+                )
+            for rule, match in targets:
+                tensor = value.chunk(rule.parts, dim=0)[rule.part] if rule.parts > 1 else value
+                out[_fill(rule.external, match)] = (
+                    tensor.squeeze(0) if rule.squeeze else tensor
+                ).contiguous()
+        return out
+
+
+@dataclass
+class Converted:
+    state: dict[str, Tensor] = field(default_factory=dict)
+    unplaced: list[str] = field(default_factory=list)  # external keys no rule maps
+    incomplete: list[str] = field(default_factory=list)  # our fused tensors with slices missing
+
+
+def _rule(external: str, ours: str, part: int = 0, parts: int = 1, squeeze: bool = False) -> KeyRule:
+    return KeyRule(external, ours, part, parts, squeeze)
+
+
+# Transformers' EomtLayer (DINOv2) <-> timm vision_transformer.Block.
+_HF_DINOV2_LAYER = (
+    _rule("norm1.{p}", "norm1.{p}"),
+    _rule("attention.q_proj.{p}", "attn.qkv.{p}", 0, 3),
+    _rule("attention.k_proj.{p}", "attn.qkv.{p}", 1, 3),
+    _rule("attention.v_proj.{p}", "attn.qkv.{p}", 2, 3),
+    _rule("attention.out_proj.{p}", "attn.proj.{p}"),
+    _rule("layer_scale1.lambda1", "ls1.gamma"),
+    _rule("norm2.{p}", "norm2.{p}"),
+    _rule("layer_scale2.lambda1", "ls2.gamma"),
+)
+_HF_DINOV2_MLP = (_rule("mlp.fc1.{p}", "mlp.fc1.{p}"), _rule("mlp.fc2.{p}", "mlp.fc2.{p}"))
+# timm's SwiGLUPacked fc1 holds [gate | up]; the gate half goes through SiLU.
+_HF_DINOV2_SWIGLU = (
+    _rule("mlp.gate_proj.{p}", "mlp.fc1.{p}", 0, 2),
+    _rule("mlp.up_proj.{p}", "mlp.fc1.{p}", 1, 2),
+    _rule("mlp.down_proj.{p}", "mlp.fc2.{p}"),
+)
+
+# The Transformers DINOv3 layer (used by the authors' DINOv3 releases too) <-> timm EvaBlock (`_qkvb`).
+_DINOV3_LAYER = (
+    _rule("norm1.{p}", "norm1.{p}"),
+    _rule("attention.q_proj.weight", "attn.qkv.weight", 0, 3),
+    _rule("attention.k_proj.weight", "attn.qkv.weight", 1, 3),
+    _rule("attention.v_proj.weight", "attn.qkv.weight", 2, 3),
+    _rule("attention.q_proj.bias", "attn.q_bias"),
+    _rule("attention.v_proj.bias", "attn.v_bias"),
+    _rule("attention.o_proj.{p}", "attn.proj.{p}"),
+    _rule("layer_scale1.lambda1", "gamma_1"),
+    _rule("norm2.{p}", "norm2.{p}"),
+    _rule("mlp.up_proj.{p}", "mlp.fc1.{p}"),
+    _rule("mlp.down_proj.{p}", "mlp.fc2.{p}"),
+    _rule("layer_scale2.lambda1", "gamma_2"),
+)
+
+_HF_HEADS = (
+    _rule("query.weight", "q.weight"),
+    _rule("class_predictor.{p}", "class_head.{p}"),
+    _rule("mask_head.fc1.{p}", "mask_head.0.{p}"),
+    _rule("mask_head.fc2.{p}", "mask_head.2.{p}"),
+    _rule("mask_head.fc3.{p}", "mask_head.4.{p}"),
+    _rule("upscale_block.block.{i}.conv1.{p}", "upscale.{i}.conv1.{p}"),
+    _rule("upscale_block.block.{i}.conv2.{p}", "upscale.{i}.conv2.{p}"),
+    _rule("upscale_block.block.{i}.layernorm2d.{p}", "upscale.{i}.norm.{p}"),
+    _rule("attn_mask_probs", "attn_mask_probs"),
+)
+
+_AUTHORS_HEADS = (
+    _rule("network.q.weight", "q.weight"),
+    _rule("network.class_head.{p}", "class_head.{p}"),
+    _rule("network.mask_head.{rest}", "mask_head.{rest}"),
+    _rule("network.upscale.{rest}", "upscale.{rest}"),
+    _rule("network.attn_mask_probs", "attn_mask_probs"),
+)
+_AUTHORS_IGNORED = ("network.encoder.pixel_mean", "network.encoder.pixel_std", "criterion.{rest}")
+
+
+def _hf_eomt_layout(mlp_rules: tuple[KeyRule, ...]) -> Layout:
+    return Layout(
+        name="Transformers EomtForUniversalSegmentation",
+        rules=(
+            _rule("embeddings.cls_token", "backbone.cls_token"),
+            _rule("embeddings.register_tokens", "backbone.reg_token"),
+            _rule("embeddings.position_embeddings.weight", "backbone.pos_embed", squeeze=True),
+            _rule("embeddings.patch_embeddings.projection.{p}", "backbone.patch_embed.proj.{p}"),
+            _rule("layernorm.{p}", "backbone.norm.{p}"),
+            *_nest(_HF_DINOV2_LAYER + mlp_rules, "layers.{i}.", "backbone.blocks.{i}."),
+            *_HF_HEADS,
+        ),
+        ignored=("criterion.{rest}",),
+    )
+
+
+HF_EOMT = _hf_eomt_layout(_HF_DINOV2_MLP + _HF_DINOV2_SWIGLU)
+HF_EOMT_MLP = _hf_eomt_layout(_HF_DINOV2_MLP)  # for export: one target per key
+HF_EOMT_SWIGLU = _hf_eomt_layout(_HF_DINOV2_SWIGLU)
+
+HF_EOMT_DINOV3 = Layout(
+    name="Transformers EomtDinov3ForUniversalSegmentation",
+    rules=(
+        _rule("embeddings.cls_token", "backbone.cls_token"),
+        _rule("embeddings.register_tokens", "backbone.reg_token"),
+        _rule("embeddings.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"),
+        _rule("layernorm.{p}", "backbone.norm.{p}"),
+        *_nest(_DINOV3_LAYER, "layers.{i}.", "backbone.blocks.{i}."),
+        *_HF_HEADS,
+    ),
+    ignored=("criterion.{rest}", "embeddings.mask_token"),
+)
+
+AUTHORS_DINOV2 = Layout(
+    name="authors' EoMT release (DINOv2)",
+    rules=(_rule("network.encoder.backbone.{rest}", "backbone.{rest}"), *_AUTHORS_HEADS),
+    ignored=_AUTHORS_IGNORED,
+)
+
+_AUTHORS_DINOV3_BACKBONE = "network.encoder.backbone."
+AUTHORS_DINOV3_DELTA = Layout(
+    name="authors' EoMT release (DINOv3, backbone as delta)",
+    rules=(
+        _rule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.cls_token", "backbone.cls_token"),
+        _rule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.register_tokens", "backbone.reg_token"),
+        _rule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"),
+        _rule(_AUTHORS_DINOV3_BACKBONE + "norm.{p}", "backbone.norm.{p}"),
+        *_nest(_DINOV3_LAYER, _AUTHORS_DINOV3_BACKBONE + "blocks.{i}.", "backbone.blocks.{i}."),
+        *_AUTHORS_HEADS,
+    ),
+    ignored=(*_AUTHORS_IGNORED, _AUTHORS_DINOV3_BACKBONE + "patch_embed.mask_token"),
+    backbone_is_delta=True,
+)
+
+OURS = Layout(name="eomt", rules=(_rule("{rest}", "{rest}"),))
+
+
+def detect_layout(state: Mapping[str, Tensor]) -> Layout | None:
+    """The layout of a state dict, from its keys; None when it is none we know."""
+    if "network.q.weight" in state:
+        delta = _AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.weight" in state
+        return AUTHORS_DINOV3_DELTA if delta else AUTHORS_DINOV2
+    if "class_predictor.weight" in state:
+        if "embeddings.patch_embeddings.projection.weight" in state:
+            return HF_EOMT
+        if "embeddings.patch_embeddings.weight" in state:
+            return HF_EOMT_DINOV3
+        return None
+    if "q.weight" in state and "class_head.weight" in state:
+        return OURS
+    return None
+
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in _WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"{directory} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+def _read_tensors(path: Path) -> Mapping:
+    if path.is_dir():
+        path = _weights_file(path)
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        merged: dict[str, Tensor] = {}
+        for shard in shards:
+            merged.update(_read_tensors(path.parent / shard))
+        return merged
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path} is not a weights-only PyTorch file (torch.load(weights_only=True) refuses it): "
+            "save a plain state dict of tensors"
+        ) from error
+
+
+def _unwrap(obj: Mapping) -> Mapping:
+    for wrapper in ("model", "state_dict"):  # ours / the authors' (Lightning-style)
+        if isinstance(obj.get(wrapper), Mapping):
+            return obj[wrapper]
+    return obj
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint read from disk, its layout recognised, not yet applied to a network."""
+
+    path: Path
+    layout: Layout
+    state: Mapping[str, Tensor]
+
+    @property
+    def needs_pretrained_backbone(self) -> bool:
+        return self.layout.backbone_is_delta
+
+
+def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read the weights at `path` (file or Transformers directory) and recognise their layout."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: fix the path")
+    obj = _read_tensors(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    state = _unwrap(obj)
+    layout = detect_layout(state)
+    if layout is None:
+        first = ", ".join(list(state)[:5])
+        raise CheckpointError(
+            f"{path}: unrecognised checkpoint (first keys: {first}); expected ours, the authors' "
+            "pytorch_model.bin or a Transformers EoMT checkpoint"
+        )
+    not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: entries {not_tensors[:5]} are not tensors; not a state dict")
+    return LoadedCheckpoint(path, layout, state)
+
+
+def _listing(title: str, items: list[str], limit: int = 12) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def _is_class_head(key: str) -> bool:
+    return key.startswith("class_head.")
+
+
+def load_checkpoint(
+    model: nn.Module, checkpoint: str | Path | LoadedCheckpoint, skip_class_head: bool = False
+) -> None:
+    """Load weights in any recognised layout into `model`, or raise one CheckpointError listing every
+    missing key, unexpected key and shape mismatch. skip_class_head: keep the model's class head
+    (fine-tuning on another label set)."""
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else read_checkpoint(checkpoint)
+    converted = ckpt.layout.to_ours(ckpt.state)
+    state = converted.state
+    expected = model.state_dict()
+    if skip_class_head:
+        state = {k: v for k, v in state.items() if not _is_class_head(k)}
+
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    missing = [k for k in expected if k not in state and not (skip_class_head and _is_class_head(k))]
+    unexpected = [k for k in state if k not in expected]
+    unexpected += [f"{k} (checkpoint key with no place in EoMT)" for k in converted.unplaced]
+    missing += [f"{k} (in checkpoint, incomplete)" for k in converted.incomplete]
+    if missing or unexpected or mismatched:
+        hint = ""
+        if any(k.endswith(("attn.q_bias", "attn.v_bias")) for k in unexpected):
+            hint = " The checkpoint has q/v biases: use the `_qkvb` timm DINOv3 backbone."
+        raise CheckpointError(
+            f"{ckpt.path} ({ckpt.layout.name}) does not fit this network: build the network the checkpoint "
+            f"was trained as (model=..., model.num_queries, model.num_classes, model.img_size, ...).{hint}"
+            + (_listing("missing from checkpoint", missing) if missing else "")
+            + (_listing("unexpected in checkpoint", unexpected) if unexpected else "")
+            + (_listing("shape mismatches", mismatched) if mismatched else "")
+        )
+
+    if ckpt.layout.backbone_is_delta:
+        if not getattr(model, "backbone_pretrained", False):
+            raise CheckpointError(
+                f"{ckpt.path} stores the backbone as a delta from the pretrained DINOv3 weights: build the "
+                "network with model.pretrained=true (offline: model.pretrained_file=<dinov3 weights>)"
+            )
+        state = {
+            k: (expected[k].float() + v.float()).to(expected[k].dtype) if k.startswith("backbone.") else v
+            for k, v in state.items()
+        }
+    model.load_state_dict(state, strict=not skip_class_head)

@@ -1,0 +1,125 @@
+"""EoMT: a plain timm ViT whose last `num_blocks` blocks also process learned queries, plus tiny heads."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+
+from eomt.model.backbone import BackboneRunner, create_backbone
+from eomt.model.heads import mask_mlp, upscale
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+class EoMT(nn.Module):
+    """Encoder-only Mask Transformer.
+
+    forward(images (B,3,H,W) in [0,1]) -> (mask_logits, class_logits): lists with one (B,Q,H/4,W/4) /
+    (B,Q,C+1) entry per prediction point: before each query block when `masked_attn` is on, then the
+    final prediction (always last). Class index `num_classes` is "no object".
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        img_size: int | Sequence[int],
+        num_classes: int,
+        num_queries: int = 200,
+        num_blocks: int = 4,
+        patch_size: int = 16,
+        pretrained: bool = False,
+        masked_attn: bool = True,
+        backbone_kwargs: dict | None = None,
+        pretrained_file: str | Path | None = None,
+    ):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        if any(side % patch_size for side in self.img_size):
+            raise ValueError(
+                f"model.img_size={list(self.img_size)} must be a multiple of model.patch_size={patch_size}"
+            )
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_blocks = num_blocks
+        self.masked_attn = masked_attn
+        self.backbone = create_backbone(
+            backbone, self.img_size, patch_size, pretrained, pretrained_file, **(backbone_kwargs or {})
+        )
+        # Whether the backbone holds pretrained weights: DINOv3 delta checkpoints are relative to them.
+        self.backbone_pretrained = pretrained
+        self._runner = BackboneRunner(self.backbone)
+        self.num_prefix_tokens = self._runner.num_prefix_tokens
+        depth = len(self.backbone.blocks)
+        if not 1 <= num_blocks <= depth:
+            raise ValueError(f"model.num_blocks={num_blocks} must be in 1..{depth} (the depth of {backbone})")
+
+        dim = self.backbone.embed_dim
+        self.q = nn.Embedding(num_queries, dim)
+        self.class_head = nn.Linear(dim, num_classes + 1)
+        self.mask_head = mask_mlp(dim)
+        self.upscale = upscale(dim, self._runner.patch_size)
+        self.register_buffer("attn_mask_probs", torch.ones(num_blocks))
+        self.register_buffer(
+            "pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False
+        )
+
+    def predict(self, tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Mask logits (B,Q,4h,4w) and class logits (B,Q,C+1) from tokens [queries | prefix | patches]."""
+        tokens = self.backbone.norm(tokens)
+        queries = tokens[:, : self.num_queries]
+        patches = tokens[:, self.num_queries + self.num_prefix_tokens :]
+        pixels = self.upscale(patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid))
+        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_head(queries), pixels)
+        return mask_logits, self.class_head(queries)
+
+    def attention_mask(self, mask_logits: Tensor, grid: tuple[int, int], prob: Tensor) -> Tensor:
+        """Bool (B,1,N,N) over [queries | prefix | patches], True = may attend.
+
+        Query q sees the patches where its logit, resized to the patch grid, is > 0; with probability
+        1 - prob per (image, query) that restriction is lifted. Queries always see queries and prefix
+        tokens; prefix and patch tokens see everything.
+        """
+        batch, num_queries = mask_logits.shape[:2]
+        start = num_queries + self.num_prefix_tokens
+        num_tokens = start + grid[0] * grid[1]
+        on_mask = F.interpolate(mask_logits, size=grid, mode="bilinear").flatten(2) > 0
+        lifted = torch.rand(batch, num_queries, 1, device=mask_logits.device) >= prob
+        mask = torch.ones(batch, num_tokens, num_tokens, dtype=torch.bool, device=mask_logits.device)
+        mask[:, :num_queries, start:] = on_mask | lifted
+        return mask[:, None]
+
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        x = (images - self.pixel_mean) / self.pixel_std
+        tokens, rope, grid = self._runner.embed(self.backbone, x)
+        depth = len(self.backbone.blocks)
+        first_query_block = depth - self.num_blocks
+        mask_logits: list[Tensor] = []
+        class_logits: list[Tensor] = []
+        attn_mask = None
+        for i in range(depth):
+            if i == first_query_block:
+                queries = self.q.weight.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+                tokens = torch.cat((queries, tokens), dim=1)
+            in_query_blocks = i >= first_query_block
+            if self.masked_attn and in_query_blocks:
+                masks, classes = self.predict(tokens, grid)
+                mask_logits.append(masks)
+                class_logits.append(classes)
+                attn_mask = self.attention_mask(masks, grid, self.attn_mask_probs[i - first_query_block])
+            num_unroped = self.num_prefix_tokens + (self.num_queries if in_query_blocks else 0)
+            tokens = self._runner.block(self.backbone, i, tokens, rope, num_unroped, attn_mask)
+        masks, classes = self.predict(tokens, grid)
+        mask_logits.append(masks)
+        class_logits.append(classes)
+        return mask_logits, class_logits

@@ -1,0 +1,34 @@
+"""EoMT's small heads: the mask-embedding MLP and the upscale blocks that lift patch tokens to 1/4 scale."""
+
+import math
+
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+
+
+def mask_mlp(dim: int) -> nn.Sequential:
+    """Linear-GELU-Linear-GELU-Linear; the linears sit at indices 0, 2, 4 (the authors' key names)."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+class ScaleBlock(nn.Module):
+    """x2 upsampling: ConvTranspose2d(k2, s2) -> GELU -> depthwise 3x3 (no bias) -> channel LayerNorm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
+        self.norm = LayerNorm2d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv2(self.act(self.conv1(x))))
+
+
+def num_upscale_blocks(patch_size: tuple[int, int]) -> int:
+    """Blocks needed to go from 1/patch to 1/4 resolution (at least one)."""
+    return max(1, int(math.log2(max(patch_size))) - 2)
+
+
+def upscale(dim: int, patch_size: tuple[int, int]) -> nn.Sequential:
+    return nn.Sequential(*[ScaleBlock(dim) for _ in range(num_upscale_blocks(patch_size))])

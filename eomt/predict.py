@@ -1,0 +1,158 @@
+"""Run a checkpoint on your own images.
+
+    python -m eomt.predict checkpoint=<file> input=<image|folder> output=<dir> [model=vit_l dataset=coco task=panoptic ...]
+
+`checkpoint`, `input` and `output` (and optionally `device=auto|cpu|cuda`, `batch_size=1`) are
+this command's own arguments; every other argument is a Hydra override of the training config
+(conf/train.yaml), which picks the network, the class names and the task's post-processing
+(`eval.predictor.<task>`, e.g. `eval.predictor.panoptic.score_threshold=0.5`).
+
+Written to `output`:
+- overlays/<image>.png: the prediction painted on the image with class names;
+- panoptic: panoptic/<image>.png (COCO id = R + 256 G + 256^2 B) and panoptic.json (COCO panoptic);
+  semantic: semantic/<image>.png (class ids); instance: instances.json (COCO results, RLE masks);
+- categories.json: class id -> name (and whether it is a thing).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from eomt import api
+from eomt.config import compose
+from eomt.evaluation import build_predictor
+from eomt.inference.writers import (
+    CocoInstanceWriter,
+    CocoPanopticWriter,
+    SemanticPngWriter,
+    write_json,
+    write_png,
+)
+from eomt.run_setup import check_config, resolve_device
+from eomt.visualize import overlay_prediction
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+USAGE = (
+    "usage: python -m eomt.predict checkpoint=<file> input=<image|folder> output=<dir> [hydra overrides ...]"
+)
+
+
+@dataclass
+class PredictArgs:
+    checkpoint: Path
+    input: Path
+    output: Path
+    device: str = "auto"
+    batch_size: int = 1
+
+
+def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
+    """Split `key=value` arguments into this command's own and the config overrides."""
+    own: dict[str, str] = {}
+    overrides = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"error: argument {arg!r} is not key=value\n{USAGE}")
+        if key in PredictArgs.__dataclass_fields__:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    missing = [k for k in ("checkpoint", "input", "output") if k not in own]
+    if missing:
+        raise SystemExit(f"error: missing {', '.join(f'{k}=...' for k in missing)}\n{USAGE}")
+    batch_size = own.get("batch_size", "1")
+    if not batch_size.isdigit() or int(batch_size) < 1:
+        raise SystemExit(f"error: batch_size={batch_size} must be a positive integer")
+    args = PredictArgs(
+        checkpoint=Path(own["checkpoint"]),
+        input=Path(own["input"]),
+        output=Path(own["output"]),
+        device=own.get("device", "auto"),
+        batch_size=int(batch_size),
+    )
+    return args, overrides
+
+
+def find_images(path: Path) -> list[Path]:
+    """The image itself, or the images under a folder (recursively, sorted)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise SystemExit(f"error: input={path} does not exist; pass an image file or a folder of images")
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+    return images
+
+
+def load_image(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def output_name(path: Path, root: Path) -> str:
+    """A flat, unique file name for an input image: sub/dir/x.jpg -> sub__dir__x.jpg."""
+    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+    return relative.as_posix().replace("/", "__")
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.checkpoint.exists():
+        raise SystemExit(f"error: checkpoint={args.checkpoint} does not exist")
+    cfg = compose(overrides)
+    check_config(cfg)
+    task = cfg.task.name
+    class_names = list(cfg.dataset.class_names)
+    thing_classes = set(cfg.dataset.thing_classes)
+    images = find_images(args.input)
+
+    device = resolve_device(args.device)
+    model = api.load(overrides, args.checkpoint).to(device)
+    predictor = build_predictor(cfg.eval, task)
+    writers = {
+        "panoptic": lambda: CocoPanopticWriter(
+            args.output,
+            categories=[
+                {"id": i, "name": n, "isthing": int(i in thing_classes)} for i, n in enumerate(class_names)
+            ],
+        ),
+        "semantic": lambda: SemanticPngWriter(args.output / "semantic"),
+        "instance": lambda: CocoInstanceWriter(args.output / "instances.json"),
+    }
+    writer = writers[task]()
+    write_json(
+        args.output / "categories.json",
+        [{"id": i, "name": n, "isthing": i in thing_classes} for i, n in enumerate(class_names)],
+    )
+
+    for start in tqdm(range(0, len(images), args.batch_size), desc="predict", unit="batch"):
+        paths = images[start : start + args.batch_size]
+        samples = []
+        for path in paths:
+            name = output_name(path, args.input)
+            samples.append({"image": load_image(path), "image_id": name, "file_name": name})
+        predictions = predictor(model, [s["image"] for s in samples])
+        writer(predictions, samples)
+        for prediction, sample in zip(predictions, samples, strict=True):
+            overlay = overlay_prediction(task, sample["image"], prediction, None, class_names)
+            write_png(
+                args.output / "overlays" / (Path(sample["file_name"]).stem + ".png"),
+                overlay.transpose(1, 2, 0),
+            )
+    writer.close()
+    print(f"wrote {len(images)} predictions ({task}) to {args.output}")
+    return args.output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Stop cleanly on a scheduler's signal, save, and come back: SLURM time limits and preemption.
+
+The signal handlers only record that a signal arrived. The training loop asks `should_stop()` at
+every step boundary (all ranks agree, because a signal may reach only some of them), writes its
+checkpoint, then calls `finish()`, which asks the scheduler to requeue the job where that applies.
+The requeued job runs the same command in the same run directory and `trainer.resume=auto`
+continues from the checkpoint.
+
+Signals:
+- SIGUSR1 / SIGUSR2: the time limit is near (`#SBATCH --signal=USR2@300`, submitit's
+  `signal_delay_s`) or the cluster announces preemption: save and requeue.
+- SIGTERM: `scancel`, or preemption by a cluster that requeues jobs itself: save and stop, never
+  requeue (a cancelled job must stay cancelled).
+
+Requeue paths, chosen in `finish()` on global rank 0:
+- inside a submitit job (the Hydra submitit launcher): submitit's own USR2 handler, which this class
+  kept when it took the signal over, is called now that the checkpoint exists. It re-submits the
+  pickled Hydra job (same overrides, same job number, hence the same run directory) with
+  `scontrol requeue` (SLURM) or the local executor's requeue exit code;
+- a plain sbatch job that exports EOMT_REQUEUE=1: `scontrol requeue $SLURM_JOB_ID`;
+- anything else: nothing; the run can be resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from eomt import distributed
+
+log = logging.getLogger(__name__)
+
+REQUEUE_ENV = "EOMT_REQUEUE"  # set to 1 by slurm/train.sh: requeue plain sbatch jobs via scontrol
+SUBMITIT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's own setting; USR2 unless changed
+
+
+class StopReason(enum.IntEnum):
+    """Why training stops early. Ranks agree on the largest reason any of them saw."""
+
+    NONE = 0
+    STOP = 1  # SIGTERM: save and exit
+    REQUEUE = 2  # SIGUSR1/SIGUSR2: save, requeue, exit
+
+
+_REASONS = {
+    signal.SIGUSR1: StopReason.REQUEUE,
+    signal.SIGUSR2: StopReason.REQUEUE,
+    signal.SIGTERM: StopReason.STOP,
+}
+
+Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class PreemptionHandler:
+    """Turns SIGUSR1/SIGUSR2/SIGTERM into a stop at the next step boundary, then a requeue.
+
+    Use from the training loop (every rank):
+
+        handler = PreemptionHandler()
+        handler.install()
+        try:
+            for step in ...:
+                train_step()
+                if handler.should_stop():
+                    save_checkpoint()          # all ranks done saving before finish()
+                    handler.finish()
+                    return                     # exit code 0
+        finally:
+            handler.uninstall()
+
+    `check_every` > 1 asks the other ranks only every that many calls (one collective per call
+    otherwise); every rank must call `should_stop()` the same number of times.
+    """
+
+    def __init__(self, check_every: int = 1) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.check_every = check_every
+        self._received = StopReason.NONE  # written by the signal handler
+        self._received_signal: int | None = None
+        self._agreed = StopReason.NONE
+        self._calls = 0
+        self._previous: dict[int, Handler] = {}
+
+    # --- signals ------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Take over SIGUSR1, SIGUSR2 and SIGTERM, keeping the previous handlers (submitit's) for later."""
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("preemption signals are not handled: Python only delivers signals to the main thread")
+            return
+        for sig in _REASONS:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        """Give the signals back to whoever had them before `install()`."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only record: the loop acts at the next step boundary. No logging here (not signal-safe).
+        reason = _REASONS.get(signal.Signals(signum), StopReason.STOP)
+        if reason > self._received:
+            self._received = reason
+            self._received_signal = signum
+
+    # --- the loop's side ----------------------------------------------------------------------
+    @property
+    def reason(self) -> StopReason:
+        """The reason all ranks agreed on (NONE until `should_stop()` returned True)."""
+        return self._agreed
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank got a signal; call it at each step boundary on every rank."""
+        if self._agreed:
+            return True
+        self._calls += 1
+        if self._calls % self.check_every:
+            return False
+        agreed = StopReason(int(distributed.all_reduce_max(float(self._received))))
+        if agreed:
+            self._agreed = agreed
+            got = (
+                signal.Signals(self._received_signal).name
+                if self._received_signal
+                else "another rank's signal"
+            )
+            log.warning("stopping at the next checkpoint (%s, %s)", got, agreed.name.lower())
+        return bool(agreed)
+
+    def finish(self) -> None:
+        """After the checkpoint is written: ask for a requeue where that applies (see module doc).
+
+        Returns normally outside submitit, so the caller exits with code 0. Inside a submitit job it
+        ends the process the way submitit does on its own signal (`SystemExit`): submitit's handler
+        requeues from rank 0, and no rank leaves a "finished" result behind that would tell the
+        launching process the interrupted run is done. Clean up in `finally` blocks.
+        """
+        if not self._agreed:
+            return
+        main = distributed.is_main()
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            if main and self._agreed == StopReason.REQUEUE:
+                log.info("handing over to submitit to requeue the job")
+                self._submitit_handler()(_submitit_signal(), None)  # requeues, then raises SystemExit
+            raise SystemExit(0)
+        if main and self._agreed == StopReason.REQUEUE and os.environ.get(REQUEUE_ENV) == "1":
+            _scontrol_requeue()
+
+    def _submitit_handler(self) -> Callable[[int, FrameType | None], Any]:
+        sig = _submitit_signal()
+        handler = self._previous.get(sig)
+        if not callable(handler):
+            raise RuntimeError(
+                f"no submitit handler for {sig.name} was installed before PreemptionHandler.install(); "
+                f"check {SUBMITIT_SIGNAL_ENV} or call install() inside the submitit job"
+            )
+        return handler
+
+
+def ignore_in_dataloader_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGUSR1/SIGUSR2, which SLURM also sends them.
+
+    With the fork start method workers inherit the training process's handlers, but with spawn or
+    forkserver (Python 3.14's default) the default action would kill them and fail the step that
+    should have been saved. (SIGTERM stays as PyTorch sets it in workers.)
+    """
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _submitit_signal() -> signal.Signals:
+    name = os.environ.get(SUBMITIT_SIGNAL_ENV, "USR2")
+    sig = getattr(signal, f"SIG{name}", None)
+    if not isinstance(sig, signal.Signals):
+        raise RuntimeError(f"{SUBMITIT_SIGNAL_ENV}={name} is not a signal name; use e.g. USR2")
+    return sig
+
+
+def _scontrol_requeue() -> None:
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        log.warning("%s=1 but SLURM_JOB_ID is not set: not a SLURM job, nothing to requeue", REQUEUE_ENV)
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    except FileNotFoundError as err:
+        raise RuntimeError(
+            f"{REQUEUE_ENV}=1 but `scontrol` is not on PATH; unset {REQUEUE_ENV} or fix PATH"
+        ) from err
+    log.info("requeued SLURM job %s; it resumes from the checkpoint just written", job_id)

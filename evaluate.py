@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint on the validation split of its dataset.
+
+    python evaluate.py experiment=coco_panoptic_vit_l_640 checkpoint=pytorch_model.bin dataset.root=/data/coco
+    torchrun --nproc_per_node 4 evaluate.py ...      # the images are split over the ranks
+
+Prints the metrics table (PQ/SQ/RQ, mIoU, or the AP set), writes metrics.json and the first
+`eval.num_overlays` [prediction | ground truth] overlays into the output directory, and with
+`eval.write_predictions=true` the predictions in the task's standard format (COCO panoptic PNG +
+JSON, COCO results JSON, or label PNGs with the benchmark's label ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from eomt import distributed
+from eomt.api import load_model
+from eomt.inference.writers import prediction_writer, write_png
+from eomt.metrics.report import format_table
+from eomt.run_setup import check_config, resolve_device, write_run_info
+from eomt.validation import METRICS_FILE, Validator
+
+log = logging.getLogger("eomt.evaluate")
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
+    check_config(cfg)
+    device = resolve_device(cfg.trainer.device)
+    distributed.init(device.type)
+    model = load_model(cfg.model, cfg.checkpoint).to(device)
+    validator = Validator(cfg, device)
+    writers = []
+    if cfg.eval.write_predictions:
+        writers.append(
+            prediction_writer(cfg.task.name, cfg.dataset.name, validator.dataset, out_dir / "predictions")
+        )
+    metrics = validator.run(model, run_dir=out_dir, callbacks=writers)
+    for writer in writers:
+        writer.close()
+    if distributed.is_main():
+        write_run_info(cfg, out_dir)
+        for image_id, overlay in validator.overlays:
+            write_png(out_dir / "overlays" / f"{image_id}.png", overlay.transpose(1, 2, 0))
+        print(format_table(metrics))
+        print(f"metrics: {out_dir / METRICS_FILE}")
+    return metrics
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny random EoMT on either timm family."""
+
+import pytest
+import torch
+
+from eomt.model import EoMT
+
+TINY_BACKBONES = {
+    "dinov2": "vit_small_patch14_reg4_dinov2",
+    "dinov3": "vit_small_patch16_dinov3_qkvb",
+}
+TINY_DIMS = {"embed_dim": 64, "depth": 4, "num_heads": 2}
+LAYER_SCALES = ("ls1.gamma", "ls2.gamma", "gamma_1", "gamma_2")
+
+
+@pytest.fixture
+def make_tiny_eomt():
+    """make_tiny_eomt(family="dinov2", **EoMT kwargs): a 4-block dim-64 EoMT at 64 px, 7 queries, 5 classes.
+
+    Random-init layer scales are set to 1 (timm's 1e-5 makes every block nearly the identity and hides
+    what attention does); pretrained weights are left as loaded.
+    """
+
+    def make(family: str = "dinov2", **kwargs) -> EoMT:
+        options = dict(
+            img_size=64, num_classes=5, num_queries=7, num_blocks=2, backbone_kwargs=dict(TINY_DIMS)
+        )
+        options.update(kwargs)
+        model = EoMT(TINY_BACKBONES[family], **options)
+        if not model.backbone_pretrained:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(LAYER_SCALES):
+                        param.fill_(1.0)
+        return model
+
+    return make

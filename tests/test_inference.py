@@ -1,0 +1,191 @@
+"""Inference geometry (letterbox round trip, sliding windows) and the predictors on a stand-in network."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eomt.inference import InstancePredictor, PanopticPredictor, SemanticPredictor
+from eomt.inference.resize import (
+    Window,
+    WindowLayout,
+    cover,
+    fit_inside,
+    letterbox_batch,
+    merge_windows,
+    sliding_windows,
+    unletterbox,
+    window_starts,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_fit_inside_and_cover_sizes():
+    assert fit_inside((480, 640), (640, 640)) == (480, 640)
+    assert fit_inside((1000, 500), (640, 640)) == (640, 320)
+    assert fit_inside((100, 50), (640, 640)) == (640, 320)  # small images are enlarged
+    assert cover((512, 683), (512, 512)) == (512, 683)
+    assert cover((1024, 2048), (512, 512)) == (512, 1024)
+    assert cover((300, 200), (512, 512)) == (768, 512)
+
+
+@pytest.mark.parametrize("window", [7, 16, 512])
+def test_window_starts_cover_the_length_with_evenly_split_overlap(window):
+    for length in range(window, 4 * window + 3):
+        starts = window_starts(length, window)
+        assert len(starts) == math.ceil(length / window)
+        assert starts[0] == 0 and starts[-1] + window == length
+        steps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        assert all(0 < s <= window for s in steps)
+        assert not steps or max(steps) - min(steps) <= 1
+    assert window_starts(683, 512) == [0, 171]  # an ADE20K image at 512
+
+
+def test_letterbox_round_trip_returns_the_image_and_no_padding():
+    torch.manual_seed(0)
+    images = [
+        torch.full((3, 30, 50), 200, dtype=torch.uint8),
+        torch.full((3, 64, 20), 100, dtype=torch.uint8),
+    ]
+    batch, boxes = letterbox_batch(images, (40, 40), CPU)
+    assert batch.shape == (2, 3, 40, 40)
+    assert boxes[0].resized_size == (24, 40) and boxes[1].resized_size == (40, 12)
+    assert (batch[0, :, 24:] == 0).all() and (batch[1, :, :, 12:] == 0).all()  # padded bottom / right
+    for image, row, box in zip(images, batch, boxes, strict=True):
+        back = unletterbox(row, box)
+        assert back.shape == (3, *image.shape[-2:])
+        assert torch.allclose(back, image.float() / 255, atol=1e-6)  # no padding bleeds in at the border
+
+
+def test_letterbox_round_trip_of_a_smooth_image_at_a_quarter_resolution():
+    h, w = 45, 70
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    image = (torch.stack([ys, xs, (ys + xs) / 2]) * 255).round().to(torch.uint8)
+    batch, boxes = letterbox_batch([image], (64, 64), CPU)
+    quarter = F.avg_pool2d(batch, 4)[0]  # what a network at 1/4 resolution sees
+    back = unletterbox(quarter, boxes[0])
+    inner = (slice(None), slice(4, -4), slice(4, -4))  # the last quarter-pixel row touches the padding
+    assert (back[inner] - image[inner].float() / 255).abs().max() < 0.03
+
+
+def test_sliding_windows_cover_the_image_and_merging_averages_overlaps():
+    image = (
+        torch.arange(16 * 37, dtype=torch.float32)
+        .reshape(1, 16, 37)
+        .expand(3, -1, -1)
+        .remainder(256)
+        .to(torch.uint8)
+    )
+    windows, layout = sliding_windows([image], (16, 16), CPU)
+    assert [w.left for w in layout.windows] == [0, 10, 21] and windows.shape == (3, 3, 16, 16)
+    # the windows hold the image itself (its shorter side already equals the crop)
+    for window, crop in zip(layout.windows, windows, strict=True):
+        assert torch.equal(crop, image[:, :, window.left : window.left + 16].float() / 255)
+    merged = merge_windows(windows, layout)[0]
+    assert torch.allclose(merged, image.float() / 255, atol=1e-6)
+    # window k scores k everywhere: overlaps read the mean of the windows covering them
+    layout2 = WindowLayout(
+        [Window(0, 0, 0), Window(0, 0, 10), Window(0, 0, 21)], [(16, 37)], [(16, 37)], (16, 16)
+    )
+    scores = torch.arange(3.0)[:, None, None, None].expand(3, 1, 16, 16)
+    row = merge_windows(scores, layout2)[0][0, 0]
+    assert row[:10].eq(0).all() and row[10:16].eq(0.5).all() and row[16:21].eq(1).all()
+    assert row[21:26].eq(1.5).all() and row[26:].eq(2).all()
+
+
+def test_sliding_windows_of_a_large_image_are_scaled_then_resized_back():
+    image = torch.zeros((3, 64, 160), dtype=torch.uint8)
+    image[:, :, 80:] = 255
+    windows, layout = sliding_windows([image], (32, 32), CPU)
+    assert layout.scaled_sizes == [(32, 80)] and len(layout.windows) == 3
+    merged = merge_windows(windows, layout)[0]
+    assert merged.shape == (3, 64, 160)
+    assert merged[:, :, :70].max() < 0.05 and merged[:, :, 90:].min() > 0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictors on a deterministic stand-in network
+
+
+class StandInEoMT(nn.Module):
+    """Follows the EoMT contract. Query q in 0..2 covers where colour channel q is bright and
+    predicts class q; query 3 is "no object". With `num_points` > 1 it returns that many
+    prediction points (as masked attention does), each identical."""
+
+    def __init__(self, img_size=(32, 32), num_points: int = 1):
+        super().__init__()
+        self.img_size = img_size
+        self.num_classes = 3
+        self.num_points = num_points
+        self.scale = nn.Parameter(torch.tensor(40.0))
+
+    def forward(self, images):
+        feats = F.avg_pool2d(images, 4)
+        masks = torch.cat([(feats - 0.5) * self.scale, torch.full_like(feats[:, :1], -20.0)], 1)
+        classes = torch.tensor([[9.0, 0, 0, 0], [0, 9.0, 0, 0], [0, 0, 9.0, 0], [0, 0, 0, 9.0]])
+        classes = classes.expand(images.shape[0], -1, -1)
+        return [masks] * self.num_points, [classes] * self.num_points
+
+
+def halves(h, w, left_channel, right_channel):
+    image = torch.zeros((3, h, w), dtype=torch.uint8)
+    image[left_channel, :, : w // 2] = 255
+    image[right_channel, :, w // 2 :] = 255
+    return image
+
+
+def test_panoptic_predictor_finds_the_painted_segments_at_the_original_size():
+    images = [halves(40, 24, 0, 1), halves(20, 60, 2, 0)]
+    predictions = PanopticPredictor(thing_classes=[0])(StandInEoMT(), images)
+    first, second = predictions
+    assert first["id_map"].shape == (40, 24) and second["id_map"].shape == (20, 60)
+    by_id = {s["id"]: s["category_id"] for s in first["segments"]}
+    assert sorted(by_id.values()) == [0, 1]
+    left, right = first["id_map"][:, :10], first["id_map"][:, 14:]
+    assert (left == left[0, 0]).all() and by_id[int(left[0, 0])] == 0
+    assert (right == right[0, 0]).all() and by_id[int(right[0, 0])] == 1
+    assert {s["category_id"] for s in second["segments"]} == {2, 0}
+
+
+def test_instance_predictor_ranks_the_painted_instance_first():
+    image = halves(36, 48, 0, 1)
+    (prediction,) = InstancePredictor(topk=5)(StandInEoMT(), [image])
+    assert prediction["masks"].shape == (5, 36, 48) and prediction["masks"].dtype == torch.bool
+    best = prediction["scores"].argmax()
+    assert prediction["labels"][best] in (0, 1) and prediction["scores"][best] > 0.9
+    painted = prediction["masks"][best]
+    expected = torch.zeros(36, 48, dtype=torch.bool)
+    expected[:, :24] = prediction["labels"][best] == 0
+    expected[:, 24:] = prediction["labels"][best] == 1
+    assert (painted == expected).float().mean() > 0.95
+
+
+def test_semantic_predictor_labels_each_half():
+    images = [halves(24, 56, 0, 2), halves(50, 16, 1, 0)]
+    first, second = SemanticPredictor()(StandInEoMT(img_size=(16, 16)), images)
+    assert first["semantic"].shape == (24, 56) and second["semantic"].shape == (50, 16)
+    assert (first["semantic"][:, :24] == 0).all() and (first["semantic"][:, 32:] == 2).all()
+    assert (second["semantic"][:, :6] == 1).all() and (second["semantic"][:, 10:] == 0).all()
+
+
+def test_per_block_predictions_need_intermediate_outputs():
+    images = [halves(32, 32, 0, 1)]
+    per_point = PanopticPredictor(thing_classes=[0]).predict(
+        StandInEoMT(num_points=3), images, all_blocks=True
+    )
+    assert len(per_point) == 3 and all(len(p) == 1 for p in per_point)
+    with pytest.raises(ValueError, match="masked_attn"):
+        SemanticPredictor().predict(StandInEoMT(img_size=(16, 16)), images, all_blocks=True)
+
+
+def test_semantic_predictor_in_steps_matches_one_pass():
+    images = [halves(24, 56, 0, 2)]
+    model = StandInEoMT(img_size=(16, 16))
+    one = SemanticPredictor()(model, images)[0]["semantic"]
+    stepped = SemanticPredictor(windows_per_step=1)(model, images)[0]["semantic"]
+    assert torch.equal(one, stepped)

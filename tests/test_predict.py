@@ -1,0 +1,90 @@
+"""python -m eomt.predict end to end on a tiny random checkpoint and a folder of images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eomt.config import compose
+from eomt.metrics.panoptic import rgb_to_id
+from eomt.model import build_model
+from eomt.predict import main, parse_args
+
+OVERRIDES = ["model=tiny", "dataset=synthetic"]
+
+
+def save_tiny_checkpoint(folder, task):
+    torch.manual_seed(0)
+    model = build_model(compose([*OVERRIDES, f"task={task}"]).model)
+    path = folder / f"tiny_{task}.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "panoptic")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(root / "a.png")
+    Image.fromarray(rng.integers(0, 255, (90, 40, 3), dtype=np.uint8)).save(root / "sub" / "b.jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def run(checkpoint, images, out, *extra):
+    return main(
+        [f"checkpoint={checkpoint}", f"input={images}", f"output={out}", "device=cpu", *OVERRIDES, *extra]
+    )
+
+
+def test_panoptic_outputs(checkpoint, images, tmp_path):
+    # a low threshold so that the random network's queries make segments
+    run(checkpoint, images, tmp_path, "batch_size=2", "eval.predictor.panoptic.score_threshold=0.0")
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["a.png", "sub__b.png"]
+    with Image.open(tmp_path / "overlays" / "sub__b.png") as overlay:
+        assert overlay.size == (40, 90) and overlay.mode == "RGB"
+    annotations = json.loads((tmp_path / "panoptic.json").read_text())["annotations"]
+    assert sorted(a["file_name"] for a in annotations) == ["a.png", "sub__b.png"]
+    for ann in annotations:
+        ids = rgb_to_id(np.asarray(Image.open(tmp_path / "panoptic" / ann["file_name"])))
+        listed = {s["id"] for s in ann["segments_info"]}
+        assert set(np.unique(ids).tolist()) - {0} == listed
+        for s in ann["segments_info"]:
+            assert s["area"] == int((ids == s["id"]).sum()) and 0 <= s["category_id"] < 5
+    categories = json.loads((tmp_path / "categories.json").read_text())
+    assert [c["name"] for c in categories] == ["disc", "box", "triangle", "sky", "ground"]
+
+
+def test_semantic_and_instance_outputs(images, tmp_path):
+    run(save_tiny_checkpoint(tmp_path, "semantic"), images / "a.png", tmp_path / "sem", "task=semantic")
+    semantic = np.asarray(Image.open(tmp_path / "sem" / "semantic" / "a.png"))
+    assert semantic.shape == (50, 70) and semantic.max() < 5
+    run(
+        save_tiny_checkpoint(tmp_path, "instance"),
+        images,
+        tmp_path / "ins",
+        "task=instance",
+        "eval.predictor.instance.topk=7",
+    )
+    results = json.loads((tmp_path / "ins" / "instances.json").read_text())
+    assert len(results) == 14 and {r["image_id"] for r in results} == {"a.png", "sub__b.jpg"}
+    assert all("bbox" not in r and 0 <= r["category_id"] < 3 for r in results)
+
+
+def test_argument_errors_are_one_line():
+    with pytest.raises(SystemExit, match="missing input=..., output=..."):
+        parse_args(["checkpoint=x.pt"])
+    with pytest.raises(SystemExit, match="not key=value"):
+        parse_args(["checkpoint"])
+    args, overrides = parse_args(["checkpoint=c", "input=i", "output=o", "model=vit_s", "batch_size=4"])
+    assert args.batch_size == 4 and overrides == ["model=vit_s"]

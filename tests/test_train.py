@@ -1,0 +1,122 @@
+"""The training loop end to end on the synthetic data with the tiny model (CPU)."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+from eomt.config import compose
+
+FAST = [
+    "experiment=demo",
+    "trainer.num_workers=0",
+    "trainer.batch_size=4",
+    "trainer.log_every_steps=1",
+    "trainer.ckpt_every_steps=1000",
+    "eval.every_epochs=0",
+    "loss.num_points=256",
+    "trainer.deterministic=true",
+]
+
+
+@pytest.fixture(autouse=True)
+def synthetic_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EOMT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def run(tmp_path, *overrides: str) -> train.Trainer:
+    trainer = train.Trainer(compose([*FAST, *overrides]), tmp_path)
+    trainer.fit()
+    return trainer
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight = run(tmp_path / "straight", "trainer.max_steps=6")
+    first = run(tmp_path / "resumed", "trainer.max_steps=3")
+    assert [h["step"] for h in first.history] == [1, 2, 3]
+    second = run(tmp_path / "resumed", "trainer.max_steps=6")
+    assert [h["step"] for h in second.history] == [4, 5, 6]
+    expected = [h["loss"] for h in straight.history[3:]]
+    assert [h["loss"] for h in second.history] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_holds_the_whole_training_state(tmp_path):
+    trainer = run(tmp_path, "trainer.max_steps=2")
+    state = torch.load(trainer.checkpoints.latest(), weights_only=True)
+    assert state["step"] == 2
+    assert {"model", "optimizer", "scaler", "rng", "config"} <= set(state)
+    assert state["config"]["model"]["name"] == "tiny"
+    assert "attn_mask_probs" in state["model"]
+
+
+def test_non_finite_loss_skips_the_step_and_stops_when_it_persists(tmp_path, monkeypatch):
+    trainer = train.Trainer(compose([*FAST, "trainer.max_steps=4", "trainer.max_bad_steps=2"]), tmp_path)
+    real = trainer.criterion.forward
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        loss, logs = real(*args, **kwargs)
+        return (loss * float("nan"), logs) if calls["n"] == 2 else (loss, logs)
+
+    monkeypatch.setattr(trainer.criterion, "forward", nan_on_second_call)
+    trainer.fit()
+    assert trainer.skipped_steps == 1
+    assert [h["step"] for h in trainer.history] == [1, 3, 4]
+
+    diverging = train.Trainer(
+        compose([*FAST, "trainer.max_steps=5", "trainer.max_bad_steps=2"]), tmp_path / "b"
+    )
+    before = {k: v.clone() for k, v in diverging.model.state_dict().items()}
+    monkeypatch.setattr(
+        diverging.criterion, "forward", lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {})
+    )
+    with pytest.raises(train.TrainingDiverged, match="2 non-finite losses in a row"):
+        diverging.fit()
+    for k, v in diverging.model.state_dict().items():
+        if k != "attn_mask_probs":
+            assert torch.equal(v, before[k]), k
+
+
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str, cache: str, out: str):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        EOMT_CACHE=cache,
+    )
+    torch.set_num_threads(1)
+    trainer = train.Trainer(compose([*FAST, "trainer.max_steps=3"]), Path(run_dir))
+    trainer.fit()
+    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    train.distributed.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_identical_parameters(tmp_path):
+    cache = os.environ["EOMT_CACHE"]
+    train.build_dataset(compose(FAST).dataset, "panoptic", "train", train=False)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), cache, str(tmp_path)), nprocs=2)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)
+    initial = train.build_model(compose(FAST).model).state_dict()
+    changed = 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        changed += not torch.equal(a[k], initial[k])
+    assert changed > 0
