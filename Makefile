@@ -16,6 +16,7 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/python train.py experiment=demo
+	$(BIN)/python evaluate.py experiment=demo checkpoint=outputs/demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

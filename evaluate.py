@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on the validation split of its dataset.
 
     python evaluate.py experiment=coco_panoptic_vit_l_640 checkpoint=pytorch_model.bin dataset.root=/data/coco
+    python evaluate.py experiment=demo checkpoint=outputs/demo     # a run directory: its newest checkpoint
     torchrun --nproc_per_node 4 evaluate.py ...      # the images are split over the ranks
 
 Prints the metrics table (PQ/SQ/RQ, mIoU, or the AP set), writes metrics.json and the first
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from eomt import distributed
 from eomt.api import load_model
+from eomt.checkpointing import CheckpointManager
 from eomt.inference.writers import prediction_writer, write_png
 from eomt.metrics.report import format_table
 from eomt.run_setup import check_config, resolve_device, write_run_info
@@ -28,18 +30,31 @@ from eomt.validation import METRICS_FILE, Validator
 log = logging.getLogger("eomt.evaluate")
 
 
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = CheckpointManager(path / "checkpoints").latest()
+        if latest is None:
+            raise SystemExit(f"error: run directory {path} has no checkpoint yet; train it first")
+        return latest
+    if not path.exists():
+        raise SystemExit(f"error: checkpoint={path} does not exist")
+    return path
+
+
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     check_config(cfg)
     device = resolve_device(cfg.trainer.device)
     distributed.init(device.type)
-    model = load_model(cfg.model, cfg.checkpoint).to(device)
+    model = load_model(cfg.model, resolve_checkpoint(cfg.checkpoint)).to(device)
     validator = Validator(cfg, device)
     writers = []
     if cfg.eval.write_predictions:
         writers.append(
             prediction_writer(cfg.task.name, cfg.dataset.name, validator.dataset, out_dir / "predictions")
         )
-    metrics = validator.run(model, run_dir=out_dir, callbacks=writers)
+    metrics = validator.run(model, run_dir=out_dir, callbacks=writers, benchmark=True)
     for writer in writers:
         writer.close()
     if distributed.is_main():

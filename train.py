@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from eomt.data.collate import collate_train, count_skipped
 from eomt.data.sampler import ResumableSampler, SeededSamples
 from eomt.model import build_model
 from eomt.model.checkpoints import load_checkpoint
-from eomt.preemption import PreemptionHandler
+from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
 from eomt.run_setup import AMP_DTYPES, check_config, resolve_device, write_run_info
+from eomt.tb_hparams import hparams_from_overrides, log_hparams
 from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
 from eomt.validation import Validator
 
@@ -68,9 +70,10 @@ def annealing_schedule(cfg: DictConfig, model: torch.nn.Module, total_steps: int
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.overrides = hparams_from_overrides(overrides)  # what this run sets on the command line
         self.device = resolve_device(cfg.trainer.device)
         self.env = distributed.init(self.device.type)
         self.main = distributed.is_main()
@@ -240,6 +243,7 @@ class Trainer:
             drop_last=True,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
+            worker_init_fn=ignore_in_dataloader_worker,
         )
 
     def fit(self) -> None:
@@ -291,12 +295,24 @@ class Trainer:
                     self.validate(writer)
             if self.validated_at != self.step:
                 self.validate(writer)  # the final model is always evaluated
+            self.finish(writer)
         finally:
+            self.preemption.uninstall()
             progress.close()
             if writer is not None:
                 writer.close()
         if self.skipped_steps:
             log.warning("%d steps were skipped for non-finite losses", self.skipped_steps)
+
+    def finish(self, writer: SummaryWriter | None) -> None:
+        """The run's row in TensorBoard's HParams tab: what it varies and its final metrics."""
+        if writer is None:
+            return
+        record = self.validator.record if self.validator else {}
+        metrics = {f"val/{k}": v for k, v in record.get("metrics", {}).items()}
+        metrics.update({f"cost/{k}": record[k] for k in ("fps", "gflops", "params") if k in record})
+        hparams = {"variant": self.cfg.get("variant") or "-", "model": self.cfg.model.name, **self.overrides}
+        log_hparams(writer, hparams, metrics, step=self.step)
 
     def report_skipped(self, epoch: int, writer: SummaryWriter | None) -> None:
         skipped = int(
@@ -313,7 +329,8 @@ class Trainer:
     def validate(self, writer: SummaryWriter | None) -> None:
         if self.validator is None:
             return
-        self.validator.run(self.model, step=self.step, writer=writer, run_dir=self.run_dir)
+        final = self.step == self.last_step
+        self.validator.run(self.model, step=self.step, writer=writer, run_dir=self.run_dir, benchmark=final)
         self.validated_at = self.step
         self.model.train()
 
@@ -338,7 +355,7 @@ class Trainer:
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, HydraConfig.get().overrides.task)
     if trainer.main:
         write_run_info(cfg, run_dir)
     try:

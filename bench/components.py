@@ -14,13 +14,12 @@ GFLOPs come from torch.utils.flop_counter (a multiply-add counts 2; grid_sample 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from eomt.config import compose
 from eomt.model import build_model
+from eomt.profiling import count_params, gflops_per_image, images_per_second
 
 # (component_step option, the overrides that make it an inference model, which model group)
 STEPS = [
@@ -48,30 +47,6 @@ def build(step: str, extra: list[str], model: str, args: argparse.Namespace) -> 
     return build_model(cfg.model).to(args.device).eval()
 
 
-def count_gflops(model: torch.nn.Module, images: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    # Grad mode stays on: under no_grad the counter's module tracker trips over expanded parameters.
-    with counter:
-        model(images)
-    return counter.get_total_flops() / 1e9 / images.shape[0]
-
-
-def images_per_second(forward, images: torch.Tensor, warmup: int, iters: int) -> float:
-    def sync() -> None:
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
-        for _ in range(warmup):
-            forward(images)
-        sync()
-        start = time.perf_counter()
-        for _ in range(iters):
-            forward(images)
-        sync()
-    return iters * images.shape[0] / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,10 +71,11 @@ def main() -> None:
     for step, extra, kind in STEPS:
         model = build(step, extra, models[kind], args)
         images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        gflops = count_gflops(model, images)
+        params = count_params(model) / 1e6
+        gflops = gflops_per_image(model, images)
         forward = torch.compile(model) if args.compile else model
-        speed = images_per_second(forward, images, args.warmup, args.iters)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
+            speed = images_per_second(forward, images, args.iters, args.warmup)
         base = base or speed
         print(f"{step:<24}{params:>12.1f}{gflops:>10.1f}{speed:>10.2f}{speed / base:>10.2f}x", flush=True)
 

@@ -7,13 +7,12 @@ is off unless an override turns it on (`model.masked_attn=true`): that is how Eo
 """
 
 import argparse
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from eomt.config import compose
 from eomt.model import build_model
+from eomt.profiling import count_params, gflops_per_image, images_per_second
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,11 +33,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_intermixed_args()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     args = parse_args()
     cfg = compose(["model.masked_attn=false", *args.overrides, "model.pretrained=false"])
@@ -47,28 +41,19 @@ def main() -> None:
     images = torch.rand(args.batch, 3, *model.img_size, device=device)
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
 
-    with torch.no_grad(), autocast:
-        with FlopCounterMode(display=False) as counter:
-            model(images)
-        gflops = counter.get_total_flops() / args.batch / 1e9
-
+    with autocast:
+        with torch.no_grad():
+            gflops = gflops_per_image(model, images)
         network = torch.compile(model) if args.compile else model
-        for _ in range(args.warmup):
-            network(images)
-        synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            network(images)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
+        rate = images_per_second(network, images, args.iters, args.warmup)
 
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    params = count_params(model) / 1e6
     print(
         f"{cfg.model.name} {model.img_size[0]}x{model.img_size[1]} batch {args.batch} {args.dtype} "
         f"{device.type}{' compiled' if args.compile else ''} masked_attn={model.masked_attn}: "
-        f"{params:.1f}M params, {gflops:.1f} GFLOPs/image, {args.iters * args.batch / elapsed:.3g} images/s"
+        f"{params:.1f}M params, {gflops:.1f} GFLOPs/image, {rate:.3g} images/s"
     )
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")

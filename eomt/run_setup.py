@@ -34,8 +34,9 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(
             f"error: trainer.device={name} but no CUDA device is visible; use trainer.device=cpu"
         )
-    if name == "cuda":
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', 0)))}"
+    if name == "cuda":  # one GPU per local rank; `% count` also covers one visible GPU per task
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        name = f"cuda:{local_rank % torch.cuda.device_count()}"
     return torch.device(name)
 
 

@@ -25,7 +25,8 @@ from eomt.data import build_dataset
 from eomt.data.collate import collate_eval
 from eomt.evaluation import Callback, ShardSampler, build_evaluation, evaluate
 from eomt.metrics.report import format_table, scalar_metrics
-from eomt.run_setup import atomic_write_json
+from eomt.profiling import count_params, gflops_per_image, images_per_second
+from eomt.run_setup import AMP_DTYPES, atomic_write_json
 from eomt.visualize import OverlayCollector
 
 log = logging.getLogger("eomt.validation")
@@ -69,7 +70,9 @@ class Validator:
         writer: SummaryWriter | None = None,
         run_dir: Path | None = None,
         callbacks: Sequence[Callback] = (),
+        benchmark: bool = False,
     ) -> dict[str, Any]:
+        """Score `model`; with `benchmark`, also time its forward pass for metrics.json (fps, gflops)."""
         overlays = OverlayCollector(self.task, self.cfg.dataset.class_names, self.cfg.eval.num_overlays)
         masked = bool(self.cfg.eval.masked_attn or self.cfg.eval.per_block)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -84,18 +87,21 @@ class Validator:
                     description=f"eval {self.cfg.dataset.name} {self.task}",
                 )
         headline = scalar_metrics(metrics)
+        self.record = {}
         if distributed.is_main():
             log.info("%s\n%s", f"step {step}" if step is not None else "evaluation", format_table(metrics))
             if run_dir is not None:
-                record = {
+                self.record = {
                     "task": self.task,
                     "dataset": self.cfg.dataset.name,
                     "step": step,
                     "metrics": headline,
-                    "params": sum(p.numel() for p in model.parameters()),
+                    "params": count_params(model),
                     "details": _plain(metrics),
                 }
-                atomic_write_json(Path(run_dir) / METRICS_FILE, record)
+                if benchmark:
+                    self.record.update(self.forward_cost(model, masked))
+                atomic_write_json(Path(run_dir) / METRICS_FILE, self.record)
             if writer is not None:
                 for name, value in headline.items():
                     writer.add_scalar(f"val/{name}", value, step)
@@ -103,6 +109,29 @@ class Validator:
                     writer.add_image(f"val/overlay{i}_{image_id}", torch.as_tensor(image), step)
         self.overlays = overlays.overlays
         return metrics
+
+    def forward_cost(self, model: nn.Module, masked: bool) -> dict[str, float]:
+        """GFLOPs and images/s of the network alone at batch 1 and the crop size, as the paper reports."""
+        images = torch.rand(1, 3, *model.img_size, device=self.device)
+        amp = AMP_DTYPES[self.cfg.eval.precision] if self.device.type == "cuda" else None
+        was_training = model.training
+        model.eval()
+        try:
+            with (
+                masked_attention(model, masked),
+                torch.autocast(self.device.type, dtype=amp, enabled=amp is not None),
+            ):
+                with torch.no_grad():
+                    gflops = gflops_per_image(model, images)
+                iters = 50 if self.device.type == "cuda" else 3
+                fps = images_per_second(model, images, iters=iters, warmup=min(iters, 10))
+        finally:
+            model.train(was_training)
+        return {"gflops": gflops, "fps": fps, "fps_device": _device_name(self.device)}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _plain(obj: Any) -> Any:

@@ -35,3 +35,23 @@ def make_tiny_eomt():
         return model
 
     return make
+
+
+def authors_release_state(model: EoMT) -> dict[str, torch.Tensor]:
+    """The authors' release layout written by hand: network.encoder.backbone.<timm key>, network.<head>."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            state["network.encoder.backbone." + key.removeprefix("backbone.")] = value
+        else:
+            state["network." + key] = value
+    state["network.encoder.pixel_mean"] = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    state["network.encoder.pixel_std"] = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    state["criterion.empty_weight"] = torch.ones(model.num_classes + 1)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing in the tests may download: a stray hub request fails at once instead of retrying."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

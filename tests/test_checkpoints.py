@@ -1,6 +1,7 @@
 import pytest
 import torch
 import transformers
+from conftest import authors_release_state
 from safetensors.torch import save_file
 
 from eomt.model import CheckpointError, EoMT, load_checkpoint, read_checkpoint
@@ -161,20 +162,6 @@ def test_export_refuses_non_square_inputs(make_tiny_eomt, tmp_path):
         export_hf(make_tiny_eomt(img_size=(64, 96)), tmp_path)
 
 
-def _authors_dinov2_state(model: EoMT) -> dict[str, torch.Tensor]:
-    """The authors' release layout written by hand: network.encoder.backbone.<timm key>, network.<head>."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("backbone."):
-            state["network.encoder.backbone." + key.removeprefix("backbone.")] = value
-        else:
-            state["network." + key] = value
-    state["network.encoder.pixel_mean"] = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    state["network.encoder.pixel_std"] = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    state["criterion.empty_weight"] = torch.ones(6)
-    return state
-
-
 def _assert_same_weights(a: EoMT, b: EoMT) -> None:
     b_state = b.state_dict()
     for key, value in a.state_dict().items():
@@ -185,7 +172,7 @@ def test_authors_release_loads(make_tiny_eomt, tmp_path):
     trained = make_tiny_eomt()
     trained.attn_mask_probs.fill_(0.25)
     path = tmp_path / "pytorch_model.bin"
-    torch.save({"state_dict": _authors_dinov2_state(trained)}, path)
+    torch.save({"state_dict": authors_release_state(trained)}, path)
     fresh = make_tiny_eomt()
     load_checkpoint(fresh, path)
     _assert_same_weights(trained, fresh)

@@ -152,6 +152,18 @@ def test_panoptic_predictor_finds_the_painted_segments_at_the_original_size():
     assert {s["category_id"] for s in second["segments"]} == {2, 0}
 
 
+def test_panoptic_predictor_with_no_confident_query_predicts_all_void():
+    # an untrained network: every query's best class is "no object"
+    model = StandInEoMT()
+    model.forward = lambda images: (
+        [torch.zeros(images.shape[0], 4, 8, 8)],
+        [torch.tensor([0.0, 0, 0, 9.0]).expand(images.shape[0], 4, 4)],
+    )
+    (prediction,) = PanopticPredictor(thing_classes=[0])(model, [halves(30, 20, 0, 1)])
+    assert prediction["segments"] == []
+    assert prediction["id_map"].shape == (30, 20) and (prediction["id_map"] == 0).all()
+
+
 def test_instance_predictor_ranks_the_painted_instance_first():
     image = halves(36, 48, 0, 1)
     (prediction,) = InstancePredictor(topk=5)(StandInEoMT(), [image])

@@ -22,6 +22,14 @@ def test_output_shapes(make_tiny_eomt, family, masked_attn):
     assert "attn_mask_probs" in model.state_dict()
 
 
+def test_without_upscale_blocks_masks_stay_at_the_patch_grid(make_tiny_eomt):
+    model = make_tiny_eomt(img_size=(64, 96), num_upscale_blocks=0)
+    assert len(model.upscale) == 0
+    mask_logits, class_logits = model(torch.rand(1, 3, 64, 96))
+    assert all(m.shape == (1, 7, 4, 6) for m in mask_logits)
+    assert len(make_tiny_eomt(num_upscale_blocks=None).upscale) == 2  # patch 16 -> 1/4: two blocks
+
+
 @pytest.mark.parametrize(
     "backbone, kwargs",
     [

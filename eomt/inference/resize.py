@@ -44,6 +44,8 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize of (N,h,w) or (B,N,h,w) maps."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
+    if logits.numel() == 0:  # e.g. no query kept: interpolate refuses empty inputs
+        return logits.new_zeros((*logits.shape[:-2], *size))
     if logits.dim() == 3:
         return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)

@@ -25,6 +25,7 @@ class EoMT(nn.Module):
     forward(images (B,3,H,W) in [0,1]) -> (mask_logits, class_logits): lists with one (B,Q,H/4,W/4) /
     (B,Q,C+1) entry per prediction point: before each query block when `masked_attn` is on, then the
     final prediction (always last). Class index `num_classes` is "no object".
+    `num_upscale_blocks=0` (an ablation) predicts masks at the patch grid (1/16) instead of 1/4.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class EoMT(nn.Module):
         masked_attn: bool = True,
         backbone_kwargs: dict | None = None,
         pretrained_file: str | Path | None = None,
+        num_upscale_blocks: int | None = None,
     ):
         super().__init__()
         self.img_size = _pair(img_size)
@@ -65,7 +67,7 @@ class EoMT(nn.Module):
         self.q = nn.Embedding(num_queries, dim)
         self.class_head = nn.Linear(dim, num_classes + 1)
         self.mask_head = mask_mlp(dim)
-        self.upscale = upscale(dim, self._runner.patch_size)
+        self.upscale = upscale(dim, self._runner.patch_size, num_upscale_blocks)
         self.register_buffer("attn_mask_probs", torch.ones(num_blocks))
         self.register_buffer(
             "pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False

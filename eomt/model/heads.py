@@ -30,5 +30,9 @@ def num_upscale_blocks(patch_size: tuple[int, int]) -> int:
     return max(1, int(math.log2(max(patch_size))) - 2)
 
 
-def upscale(dim: int, patch_size: tuple[int, int]) -> nn.Sequential:
-    return nn.Sequential(*[ScaleBlock(dim) for _ in range(num_upscale_blocks(patch_size))])
+def upscale(dim: int, patch_size: tuple[int, int], count: int | None = None) -> nn.Sequential:
+    """`count` blocks (default: enough for 1/4 resolution); 0 keeps masks at the patch grid."""
+    count = num_upscale_blocks(patch_size) if count is None else count
+    if count < 0:
+        raise ValueError(f"model.num_upscale_blocks={count} must be >= 0 (or null for 1/4 resolution)")
+    return nn.Sequential(*[ScaleBlock(dim) for _ in range(count)])

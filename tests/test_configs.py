@@ -1,0 +1,76 @@
+"""Every preset composes, resolves and instantiates its parts (models on the meta device)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from eomt.config import compose
+from eomt.data import build_dataset
+from eomt.evaluation import build_evaluation
+from eomt.model import build_model
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+EXPECTED = {  # preset -> (model, dataset, task, num_classes, crop)
+    "coco_panoptic_vit_l_640": ("vit_l", "coco", "panoptic", 133, [640, 640]),
+    "coco_instance_vit_l_1280": ("vit_l", "coco", "instance", 80, [1280, 1280]),
+    "ade20k_semantic_vit_l_512": ("vit_l", "ade20k", "semantic", 150, [512, 512]),
+    "ade20k_panoptic_vit_g_640": ("vit_g", "ade20k", "panoptic", 150, [640, 640]),
+    "cityscapes_semantic_vit_l_1024": ("vit_l", "cityscapes", "semantic", 19, [1024, 1024]),
+}
+
+
+PUBLISHED = [
+    *(
+        f"coco_panoptic_{m}"
+        for m in ("vit_s_2x_640", "vit_b_2x_640", "vit_l_640", "vit_g_640", "vit_l_1280", "vit_g_1280")
+    ),
+    "coco_instance_vit_l_640",
+    "coco_instance_vit_l_1280",
+    "ade20k_semantic_vit_l_512",
+    *(f"ade20k_panoptic_{m}" for m in ("vit_l_640", "vit_g_640", "vit_l_1280", "vit_g_1280")),
+    "cityscapes_semantic_vit_l_1024",
+    "coco_panoptic_dinov3_vit_l_640",
+]
+
+
+def test_every_published_setting_has_a_preset():
+    assert set(PUBLISHED) | {"demo"} == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_preset_composes_and_instantiates(experiment, tmp_path):
+    cfg = compose([f"experiment={experiment}", f"dataset.root={tmp_path}", "model.pretrained=false"])
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert container["model"]["num_classes"] == len(container["dataset"]["class_names"])
+    if experiment in EXPECTED:
+        model, dataset, task, num_classes, crop = EXPECTED[experiment]
+        assert (cfg.model.name, cfg.dataset.name, cfg.task.name) == (model, dataset, task)
+        assert (cfg.model.num_classes, list(cfg.model.img_size)) == (num_classes, crop)
+    with torch.device("meta"):
+        network = build_model(cfg.model)
+    assert network.num_classes == cfg.dataset.num_classes
+    instantiate(cfg.loss)
+    build_evaluation(cfg.eval, cfg.task.name)
+    if cfg.dataset.name != "synthetic":  # the real datasets: no zips here, so a one-line error naming one
+        with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+            build_dataset(cfg.dataset, cfg.task.name, "train", train=True)
+
+
+def test_dataset_defaults_to_its_primary_task_and_task_switches():
+    assert compose(["dataset=ade20k"]).task.name == "semantic"
+    assert compose(["dataset=coco"]).task.name == "panoptic"
+    assert compose(["dataset=cityscapes", "task=instance"]).dataset.num_classes == 8
+    assert compose(["dataset=coco", "task=instance"]).task.num_queries == 200
+    assert compose(["dataset=ade20k"]).task.num_queries == 100
+
+
+def test_unsupported_dataset_task_pair_says_so_in_one_line():
+    from eomt.run_setup import check_config
+
+    with pytest.raises(
+        SystemExit, match=r"^error: dataset coco has no semantic annotations; use task=panoptic\|instance$"
+    ):
+        check_config(compose(["dataset=coco", "task=semantic"]))

@@ -1,0 +1,331 @@
+"""The preemption path: a signal -> every rank stops at the same step -> checkpoint -> requeue -> resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eomt import distributed
+from eomt.preemption import REQUEUE_ENV, PreemptionHandler, StopReason, ignore_in_dataloader_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def handler():
+    h = PreemptionHandler()
+    h.install()
+    yield h
+    h.uninstall()
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path, monkeypatch):
+    """An `scontrol` on PATH that records its arguments instead of talking to SLURM."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for var in ("SUBMITIT_EXECUTOR", REQUEUE_ENV, "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+def test_signals_only_set_a_flag_until_the_step_boundary(handler):
+    assert not handler.should_stop()
+    signal.raise_signal(signal.SIGUSR2)  # would kill the process without the handler
+    assert handler.should_stop()
+    assert handler.reason == StopReason.REQUEUE
+    assert handler.should_stop()  # stays decided
+
+
+def test_sigterm_stops_without_asking_for_requeue(handler, fake_scontrol, monkeypatch):
+    monkeypatch.setenv(REQUEUE_ENV, "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    signal.raise_signal(signal.SIGTERM)
+    assert handler.should_stop() and handler.reason == StopReason.STOP
+    handler.finish()
+    assert not fake_scontrol.exists()
+
+
+def test_usr_signal_requeues_a_plain_sbatch_job_that_asked_for_it(handler, fake_scontrol, monkeypatch):
+    monkeypatch.setenv(REQUEUE_ENV, "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    signal.raise_signal(signal.SIGUSR1)
+    assert handler.should_stop()
+    handler.finish()  # returns: the loop then exits with code 0
+    assert fake_scontrol.read_text().split() == ["requeue", "4242"]
+
+
+def test_no_requeue_unless_the_job_asked_for_it(handler, fake_scontrol, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    signal.raise_signal(signal.SIGUSR2)
+    assert handler.should_stop()
+    handler.finish()
+    assert not fake_scontrol.exists()
+
+
+def test_finish_without_a_signal_does_nothing(handler, fake_scontrol, monkeypatch):
+    monkeypatch.setenv(REQUEUE_ENV, "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert not handler.should_stop()
+    handler.finish()
+    assert not fake_scontrol.exists()
+
+
+def test_inside_submitit_the_kept_handler_requeues_after_the_checkpoint(fake_scontrol, monkeypatch):
+    calls = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        calls.append(signum)
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    handler = PreemptionHandler()
+    handler.install()
+    try:
+        signal.raise_signal(signal.SIGUSR2)
+        assert calls == []  # the signal itself only sets the flag: no requeue before the checkpoint
+        assert handler.should_stop()
+        with pytest.raises(SystemExit):
+            handler.finish()
+        assert calls == [signal.SIGUSR2]
+    finally:
+        handler.uninstall()
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # given back
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_inside_submitit_sigterm_ends_without_requeue(monkeypatch):
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    handler = PreemptionHandler()
+    handler.install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert handler.should_stop()
+        with pytest.raises(SystemExit) as exit_info:
+            handler.finish()
+        assert exit_info.value.code == 0 and calls == []
+    finally:
+        handler.uninstall()
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_dataloader_workers_ignore_the_scheduler_signals():
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        ignore_in_dataloader_worker(0)
+        signal.raise_signal(signal.SIGUSR2)  # the default action would end this process
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in previous)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --- several ranks agree ----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_loop(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    distributed.init("cpu")
+    stopped_at = {}
+    for check_every in (1, 2):
+        handler = PreemptionHandler(check_every=check_every)
+        handler.install()
+        for step in range(1, 20):
+            if rank == 1 and step == 3:
+                signal.raise_signal(signal.SIGUSR2)  # only rank 1 is told, like submitit's rank-0-only USR2
+            if handler.should_stop():
+                stopped_at[check_every] = (step, int(handler.reason))
+                break
+        handler.uninstall()
+    distributed.cleanup()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(stopped_at))
+
+
+@pytest.mark.slow
+def test_all_ranks_stop_at_the_same_step_when_one_rank_gets_the_signal(tmp_path):
+    mp.spawn(_rank_loop, args=(_free_port(), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]
+    assert results[0] == {"1": [3, int(StopReason.REQUEUE)], "2": [4, int(StopReason.REQUEUE)]}
+
+
+# --- a real submitit job is requeued and resumes ------------------------------------------------
+class ResumableCounter:
+    """A checkpointable submitit job shaped like the Hydra launcher: `checkpoint()` resubmits it as is."""
+
+    def __call__(self, workdir: str, extra_steps: int) -> dict:
+        work = Path(workdir)
+        state_file = work / "state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {"step": 0, "starts": 0}
+        start_step = state["step"]
+        state["starts"] += 1
+        state_file.write_text(json.dumps(state))
+        handler = PreemptionHandler()
+        handler.install()
+        (work / f"pid{state['starts']}").write_text(str(os.getpid()))  # the test signals this process
+        step = start_step
+        last = start_step + extra_steps if state["starts"] > 1 else 10**9  # first start: run until told
+        while step < last:
+            step += 1
+            time.sleep(0.01)
+            if handler.should_stop():
+                state_file.write_text(json.dumps({"step": step, "starts": state["starts"]}))  # "checkpoint"
+                handler.finish()
+                return {"finished": False}
+        return {"finished": True, "resumed_from": start_step, "step": step, "starts": state["starts"]}
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _wait_for(path: Path, job, what: str) -> str:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if job.done():
+            pytest.fail(f"the job ended before {what}: {job.stderr()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within 120 s")
+        time.sleep(0.1)
+    return path.read_text()
+
+
+@pytest.mark.slow
+def test_submitit_local_job_is_requeued_by_submitit_and_resumes(tmp_path):
+    import submitit
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    work = tmp_path / "work"
+    work.mkdir()
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(ResumableCounter(), str(work), 5)
+    first_pid = int(_wait_for(work / "pid1", job, "the first start"))
+    os.kill(first_pid, signal.SIGUSR2)  # what the controller sends `signal_delay_s` before the limit
+    _wait_for(work / "pid2", job, "the requeued start")
+    result = job.result()
+    saved = json.loads((work / "state.json").read_text())
+    assert result["finished"] and result["starts"] == 2
+    assert result["resumed_from"] == saved["step"] > 0
+    assert result["step"] == result["resumed_from"] + 5
+
+
+# --- train.py: signal -> checkpoint -> scontrol requeue -> the second run resumes ---------------
+def _train_cmd(run_dir: Path, max_steps: int) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        "experiment=demo",
+        f"hydra.run.dir={run_dir}",
+        "trainer.num_workers=0",
+        "trainer.batch_size=4",
+        "eval.every_epochs=0",
+        "loss.num_points=256",
+        f"trainer.max_steps={max_steps}",
+        "trainer.ckpt_every_steps=100000",
+        "trainer.log_every_steps=1",
+    ]
+
+
+@pytest.mark.slow
+def test_train_py_checkpoints_on_the_signal_requeues_and_resumes(tmp_path, fake_scontrol):
+    env = {**os.environ, REQUEUE_ENV: "1", "SLURM_JOB_ID": "777", "EOMT_CACHE": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    output = tmp_path / "first_run.txt"
+    with output.open("w") as out:
+        proc = subprocess.Popen(
+            _train_cmd(run_dir, 10**6), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 300
+        # The TensorBoard writer is created after the handlers are installed: once its file exists,
+        # the loop is running and the signal is caught.
+        while not list((run_dir / "tb").glob("events.*")):
+            assert proc.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, "train.py did not start its loop within 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR2)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output.read_text()
+    assert fake_scontrol.read_text().split() == ["requeue", "777"]
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    assert len(checkpoints) == 1
+    stopped_at = torch.load(checkpoints[0], weights_only=True)["step"]
+    assert 0 < stopped_at < 10**6
+
+    # The requeued job: the same command in the same run directory.
+    second = subprocess.run(
+        _train_cmd(run_dir, stopped_at + 2), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    log_text = (run_dir / "train.log").read_text()
+    assert f"at step {stopped_at}" in log_text  # "resumed from ... at step N"
+    final = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    assert torch.load(final, weights_only=True)["step"] == stopped_at + 2
+
+
+# --- the plain sbatch script ------------------------------------------------------------------
+def test_sbatch_script_requeues_itself_and_starts_one_rank_per_task_with_srun(tmp_path, monkeypatch):
+    script = (ROOT / "slurm" / "train.sh").read_text()
+    directives = {line.split()[1] for line in script.splitlines() if line.startswith("#SBATCH")}
+    assert {
+        "--signal=USR2@300",
+        "--requeue",
+        "--open-mode=append",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+    } <= directives
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.txt"
+    (bin_dir / "srun").write_text(
+        f'#!/bin/sh\necho "$EOMT_REQUEUE|$SRUN_CPUS_PER_TASK|$PWD|$*" > "{record}"\n'
+    )
+    (bin_dir / "srun").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_CPUS_PER_TASK": "16",
+        "SLURM_JOB_ID": "55",
+        "EOMT_PYTHON": "python3",
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "train.sh"), "experiment=demo", "name=my run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    requeue, cpus, cwd, args = record.read_text().strip().split("|")
+    assert (requeue, cpus, cwd) == ("1", "16", str(ROOT))
+    assert args == "--kill-on-bad-exit=1 python3 train.py experiment=demo name=my run"
