@@ -27,13 +27,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from eomt import api
+from eomt.atomic import write_json
 from eomt.config import compose
 from eomt.evaluation import build_predictor
 from eomt.inference.writers import (
     CocoInstanceWriter,
     CocoPanopticWriter,
     SemanticPngWriter,
-    write_json,
     write_png,
 )
 from eomt.run_setup import check_config, resolve_device

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from eomt.atomic import write_json, write_text
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -54,19 +54,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def write_run_info(cfg: DictConfig, run_dir: Path) -> None:
     """The resolved config and the code version, so every run directory says what produced it."""
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(run_dir / "run_info.json", {"git_commit": git_commit(), "torch": torch.__version__})
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(run_dir / "run_info.json", {"git_commit": git_commit(), "torch": torch.__version__}, indent=2)

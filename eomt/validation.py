@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from eomt import distributed
+from eomt.atomic import write_json
 from eomt.data import build_dataset
 from eomt.data.collate import collate_eval
 from eomt.evaluation import Callback, ShardSampler, build_evaluation, evaluate
 from eomt.metrics.report import format_table, scalar_metrics
 from eomt.profiling import count_params, gflops_per_image, images_per_second
-from eomt.run_setup import AMP_DTYPES, atomic_write_json
+from eomt.run_setup import AMP_DTYPES
 from eomt.visualize import OverlayCollector
 
 log = logging.getLogger("eomt.validation")
@@ -101,7 +102,7 @@ class Validator:
                 }
                 if benchmark:
                     self.record.update(self.forward_cost(model, masked))
-                atomic_write_json(Path(run_dir) / METRICS_FILE, self.record)
+                write_json(Path(run_dir) / METRICS_FILE, self.record, indent=2)
             if writer is not None:
                 for name, value in headline.items():
                     writer.add_scalar(f"val/{name}", value, step)

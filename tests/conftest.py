@@ -11,6 +11,18 @@ TINY_BACKBONES = {
 }
 TINY_DIMS = {"embed_dim": 64, "depth": 4, "num_heads": 2}
 LAYER_SCALES = ("ls1.gamma", "ls2.gamma", "gamma_1", "gamma_2")
+# A Transformers EomtConfig matching the tiny EoMT (dim 64, 4 blocks, 2 query blocks, 7 queries, 5 classes).
+HF_DIMS = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    image_size=64,
+    patch_size=16,
+    num_blocks=2,
+    num_queries=7,
+    num_labels=5,
+    num_register_tokens=4,
+)
 
 
 @pytest.fixture

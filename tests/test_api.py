@@ -1,6 +1,7 @@
 import pytest
 import torch
 import transformers
+from conftest import HF_DIMS
 from hydra import initialize_config_dir
 
 import eomt.config
@@ -61,16 +62,7 @@ def test_load_builds_the_real_vit_s():
 
 
 def test_load_with_checkpoint_never_fetches_pretrained_weights(tmp_path):
-    config = transformers.EomtConfig(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=16,
-        num_blocks=2,
-        num_queries=7,
-        num_labels=5,
-    )
+    config = transformers.EomtConfig(**HF_DIMS)
     transformers.EomtForUniversalSegmentation(config).save_pretrained(tmp_path / "hf")
     # pretrained=true on a custom-size backbone would try the hub and fail offline.
     model = api.load([*TINY, "model.pretrained=true"], checkpoint=str(tmp_path / "hf"))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import transformers
-from conftest import authors_release_state
+from conftest import HF_DIMS, authors_release_state
 from safetensors.torch import save_file
 
 from eomt.model import CheckpointError, EoMT, load_checkpoint, read_checkpoint
@@ -9,17 +9,6 @@ from eomt.model.checkpoints import AUTHORS_DINOV3_DELTA
 from eomt.model.export_hf import export_hf
 
 LAYER_SCALE_NAMES = {"gamma", "gamma_1", "gamma_2", "lambda1"}
-HF_DIMS = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    image_size=64,
-    patch_size=16,
-    num_blocks=2,
-    num_queries=7,
-    num_labels=5,
-    num_register_tokens=4,
-)
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:

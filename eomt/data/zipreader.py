@@ -12,10 +12,11 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Protocol
+
+from eomt.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,8 @@ class ZipReader:
             return target
         log.info("copying compressed nested zip %s!%s to %s (once)", self.path, info.filename, target)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as dst, outer.open(info) as src:
+        with atomic_open(target, "wb") as dst, outer.open(info) as src:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, target)
         return target
 
 

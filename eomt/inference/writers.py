@@ -16,9 +16,7 @@ Cityscapes' labelIds); None writes the contiguous ids.
 from __future__ import annotations
 
 import io
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eomt.atomic import write_bytes, write_json
 from eomt.data.cityscapes import LABEL_TO_TRAIN
 from eomt.distributed import is_main
 from eomt.metrics.instance import encode_masks
@@ -33,26 +32,10 @@ from eomt.metrics.panoptic import id_to_rgb
 from eomt.metrics.sync import gather_to_main
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_png(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj).encode())
+    write_bytes(path, buffer.getvalue())
 
 
 def _numpy(x) -> np.ndarray:
