@@ -1,5 +1,6 @@
 """The training loop end to end on the synthetic data with the tiny model (CPU)."""
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -120,3 +121,16 @@ def test_ddp_two_processes_keep_identical_parameters(tmp_path):
         assert torch.equal(a[k], b[k]), k
         changed += not torch.equal(a[k], initial[k])
     assert changed > 0
+
+
+@pytest.mark.slow
+def test_demo_learns_far_above_chance(tmp_path):
+    """`experiment=demo` as `make demo` runs it (one evaluation, at the end)."""
+    trainer = train.Trainer(compose(["experiment=demo", "eval.every_epochs=1000"]), tmp_path)
+    trainer.fit()
+    losses = [h["loss"] for h in trainer.history]
+    assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["step"] == trainer.last_step
+    assert record["metrics"]["PQ"] > 30.0  # chance is 0: nothing is matched without learning
+    assert record["metrics"]["PQ_stuff"] > 60.0
