@@ -25,12 +25,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from eomt import distributed
+from eomt.api import load_model
 from eomt.checkpointing import CheckpointManager, rng_state, set_rng_state
 from eomt.data import build_dataset
 from eomt.data.collate import collate_train, count_skipped
 from eomt.data.sampler import ResumableSampler, SeededSamples
-from eomt.model import build_model
-from eomt.model.checkpoints import load_checkpoint
 from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
 from eomt.run_setup import AMP_DTYPES, check_config, resolve_device, write_run_info
 from eomt.tb_hparams import hparams_from_overrides, log_hparams
@@ -97,10 +96,10 @@ class Trainer:
         self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, cfg.trainer.max_steps or self.total_steps)
 
-        self.model = build_model(cfg.model).to(self.device)  # the bare module: saved, evaluated
+        # The bare module: saved and evaluated. Fine-tuning starts from any checkpoint eomt.api reads.
+        self.model = load_model(cfg.model, cfg.trainer.init_from, cfg.trainer.skip_class_head).train()
+        self.model.to(self.device)
         torch.manual_seed(cfg.seed + self.env.rank)  # ranks sample loss points and masks independently
-        if cfg.trainer.init_from:
-            load_checkpoint(self.model, cfg.trainer.init_from, skip_class_head=cfg.trainer.skip_class_head)
         self.criterion = instantiate(cfg.loss).to(self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(

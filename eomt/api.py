@@ -22,8 +22,10 @@ def load(overrides: Sequence[str] = (), checkpoint: str | Path | None = None) ->
     return load_model(compose(list(overrides)).model, checkpoint)
 
 
-def load_model(model_cfg: DictConfig, checkpoint: str | Path | None = None) -> nn.Module:
-    """`load` for an already composed `cfg.model` (what evaluate.py has)."""
+def load_model(
+    model_cfg: DictConfig, checkpoint: str | Path | None = None, skip_class_head: bool = False
+) -> nn.Module:
+    """`load` for an already composed `cfg.model` (what evaluate.py and fine-tuning have)."""
     ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
     if ckpt is not None and not ckpt.needs_pretrained_backbone:
         model_cfg = model_cfg.copy()
@@ -31,5 +33,5 @@ def load_model(model_cfg: DictConfig, checkpoint: str | Path | None = None) -> n
         model_cfg.pretrained_file = None
     model = build_model(model_cfg)
     if ckpt is not None:
-        load_checkpoint(model, ckpt)
+        load_checkpoint(model, ckpt, skip_class_head=skip_class_head)
     return model.eval()

@@ -22,6 +22,8 @@ def check_config(cfg: DictConfig) -> None:
         raise SystemExit(
             f"error: dataset {cfg.dataset.name} has no {task} annotations; use task={'|'.join(supported)}"
         )
+    if cfg.trainer.resume not in ("auto", "never"):
+        raise SystemExit(f"error: trainer.resume={cfg.trainer.resume} is not one of auto|never")
     precision = cfg.trainer.precision
     if precision not in AMP_DTYPES:
         raise SystemExit(f"error: trainer.precision={precision} is not one of {'|'.join(AMP_DTYPES)}")

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import train
 from eomt.config import compose
+from eomt.model import CheckpointError, build_model
 
 FAST = [
     "experiment=demo",
@@ -85,6 +86,31 @@ def test_non_finite_loss_skips_the_step_and_stops_when_it_persists(tmp_path, mon
             assert torch.equal(v, before[k]), k
 
 
+def test_fine_tuning_onto_a_new_class_set_starts_a_fresh_class_head(tmp_path):
+    panoptic = run(tmp_path / "panoptic", "trainer.max_steps=1")  # 5 classes
+    checkpoint = panoptic.checkpoints.latest()
+    with pytest.raises(CheckpointError, match="class_head"):
+        train.Trainer(compose([*FAST, "task=instance", f"trainer.init_from={checkpoint}"]), tmp_path / "x")
+    tuned = train.Trainer(
+        compose(
+            [
+                *FAST,
+                "task=instance",
+                "trainer.max_steps=1",
+                f"trainer.init_from={checkpoint}",
+                "trainer.skip_class_head=true",
+            ]
+        ),
+        tmp_path / "instance",
+    )
+    assert tuned.model.class_head.out_features == 3 + 1  # the synthetic things
+    source = panoptic.model.state_dict()
+    for key, value in tuned.model.state_dict().items():
+        if not key.startswith("class_head."):
+            assert torch.equal(value, source[key]), key
+    tuned.fit()
+
+
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str, cache: str, out: str):
     os.environ.update(
         RANK=str(rank),
@@ -115,7 +141,7 @@ def test_ddp_two_processes_keep_identical_parameters(tmp_path):
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     torch.manual_seed(0)
-    initial = train.build_model(compose(FAST).model).state_dict()
+    initial = build_model(compose(FAST).model).state_dict()
     changed = 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
