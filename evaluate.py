@@ -23,7 +23,6 @@ from eomt import distributed
 from eomt.api import load_model
 from eomt.checkpointing import CheckpointManager
 from eomt.inference.writers import prediction_writer, write_png
-from eomt.metrics.report import format_table
 from eomt.run_setup import check_config, resolve_device, write_run_info
 from eomt.validation import METRICS_FILE, Validator
 
@@ -61,8 +60,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
         write_run_info(cfg, out_dir)
         for image_id, overlay in validator.overlays:
             write_png(out_dir / "overlays" / f"{image_id}.png", overlay.transpose(1, 2, 0))
-        print(format_table(metrics))
-        print(f"metrics: {out_dir / METRICS_FILE}")
+        print(f"metrics: {out_dir / METRICS_FILE}, overlays: {out_dir / 'overlays'}")
     return metrics
 
 

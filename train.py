@@ -338,9 +338,10 @@ class Trainer:
     ) -> None:
         for k, v in window.items():
             writer.add_scalar(f"train/{k}", v / max(steps, 1), self.step)
-        for group in self.optimizer.param_groups:
-            if group.get("log_lr"):
-                writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
+        last_block = f"backbone.blocks.{len(self.model.backbone.blocks) - 1}"
+        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        for name in ("backbone.blocks.0", last_block, "heads"):
+            writer.add_scalar(f"lr/{name}", lrs[name], self.step)
         if self.annealing is not None:
             for i, p in enumerate(self.model.attn_mask_probs.tolist()):
                 writer.add_scalar(f"annealing/block{i}", p, self.step)

@@ -57,6 +57,17 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path):
     assert "attn_mask_probs" in state["model"]
 
 
+def test_tensorboard_has_losses_per_block_lrs_annealing_and_speed(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, "trainer.max_steps=2")
+    tags = set(EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["scalars"])
+    expected = {"train/loss", "train/mask/b0", "train/dice/b1", "train/class/final", "train/grad_norm"}
+    expected |= {"lr/backbone.blocks.0", "lr/backbone.blocks.3", "lr/heads", "perf/images_per_s"}
+    expected |= {"annealing/block0", "annealing/block1"}
+    assert expected <= tags, expected - tags
+
+
 def test_non_finite_loss_skips_the_step_and_stops_when_it_persists(tmp_path, monkeypatch):
     trainer = train.Trainer(compose([*FAST, "trainer.max_steps=4", "trainer.max_bad_steps=2"]), tmp_path)
     real = trainer.criterion.forward
