@@ -42,8 +42,7 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
 
     with autocast:
-        with torch.no_grad():
-            gflops = gflops_per_image(model, images)
+        gflops = gflops_per_image(model, images)
         network = torch.compile(model) if args.compile else model
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -122,8 +122,7 @@ class Validator:
                 masked_attention(model, masked),
                 torch.autocast(self.device.type, dtype=amp, enabled=amp is not None),
             ):
-                with torch.no_grad():
-                    gflops = gflops_per_image(model, images)
+                gflops = gflops_per_image(model, images)
                 iters = 50 if self.device.type == "cuda" else 3
                 fps = images_per_second(model, images, iters=iters, warmup=min(iters, 10))
         finally:

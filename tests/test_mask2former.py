@@ -301,3 +301,21 @@ def test_each_step_runs_in_its_own_directory():
         for step in [*STEPS, "step4_eomt_masked", "step5_eomt"]
     }
     assert len(names) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", sorted(p.stem for p in (CONF / "component_step").glob("step*.yaml")))
+def test_each_table_row_trains_and_evaluates_on_synthetic_data(step, tmp_path, monkeypatch):
+    import json
+
+    import train
+
+    monkeypatch.setenv("EOMT_CACHE", str(tmp_path / "cache"))
+    tiny = "m2f_tiny" if int(step[4]) <= 3 else "tiny"
+    overrides = ["experiment=demo", f"+component_step={step}", f"model={tiny}", "trainer.num_workers=0"]
+    cfg = compose_config([*overrides, "trainer.max_steps=2", "loss.num_points=256", "eval.every_epochs=1"])
+    trainer = train.Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    assert len(trainer.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["step"] == 2 and "PQ" in record["metrics"] and record["gflops"] > 0
