@@ -31,7 +31,7 @@ from eomt.data import build_dataset
 from eomt.data.collate import collate_train, count_skipped
 from eomt.data.sampler import ResumableSampler, SeededSamples
 from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
-from eomt.run_setup import AMP_DTYPES, check_config, resolve_device, write_run_info
+from eomt.run_setup import AMP_DTYPES, check_config, one_line_errors, resolve_device, write_run_info
 from eomt.tb_hparams import hparams_from_overrides, log_hparams
 from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
 from eomt.validation import Validator
@@ -355,11 +355,12 @@ class Trainer:
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    trainer = Trainer(cfg, run_dir, HydraConfig.get().overrides.task)
-    if trainer.main:
-        write_run_info(cfg, run_dir)
     try:
-        trainer.fit()
+        with one_line_errors():
+            trainer = Trainer(cfg, run_dir, HydraConfig.get().overrides.task)
+            if trainer.main:
+                write_run_info(cfg, run_dir)
+            trainer.fit()
     finally:
         distributed.cleanup()
 

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eomt.atomic import write_json, write_text
+from eomt.model.checkpoints import CheckpointError
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@contextmanager
+def one_line_errors():
+    """Missing files and unusable checkpoints end the program with one line naming the fix."""
+    try:
+        yield
+    except (FileNotFoundError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -74,3 +74,27 @@ def test_unsupported_dataset_task_pair_says_so_in_one_line():
         SystemExit, match=r"^error: dataset coco has no semantic annotations; use task=panoptic\|instance$"
     ):
         check_config(compose(["dataset=coco", "task=semantic"]))
+
+
+def test_the_users_command_without_data_says_which_file_to_get(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).parents[1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "train.py"),
+            "dataset=ade20k",
+            "model=vit_l",
+            f"dataset.root={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ADE20K: expected") and "ADEChallengeData2016.zip" in last
+    assert "Traceback" not in result.stderr

@@ -21,7 +21,6 @@ FAST = [
     "trainer.ckpt_every_steps=1000",
     "eval.every_epochs=0",
     "loss.num_points=256",
-    "trainer.deterministic=true",
 ]
 
 
