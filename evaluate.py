@@ -21,25 +21,12 @@ from omegaconf import DictConfig
 
 from eomt import distributed
 from eomt.api import load_model
-from eomt.checkpointing import CheckpointManager
+from eomt.checkpointing import resolve_checkpoint
 from eomt.inference.writers import prediction_writer, write_png
 from eomt.run_setup import check_config, one_line_errors, resolve_device, write_run_info
 from eomt.validation import METRICS_FILE, Validator
 
 log = logging.getLogger("eomt.evaluate")
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        latest = CheckpointManager(path / "checkpoints").latest()
-        if latest is None:
-            raise SystemExit(f"error: run directory {path} has no checkpoint yet; train it first")
-        return latest
-    if not path.exists():
-        raise SystemExit(f"error: checkpoint={path} does not exist")
-    return path
 
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:

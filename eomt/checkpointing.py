@@ -83,3 +83,16 @@ class CheckpointManager:
                 f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); delete it to resume from the "
                 "previous one, or set trainer.resume=never"
             ) from e
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():  # a training run directory
+        latest = CheckpointManager(path / "checkpoints").latest()
+        if latest is None:
+            raise SystemExit(f"error: run directory {path} has no checkpoint yet; train it first")
+        return latest
+    if not path.exists():
+        raise SystemExit(f"error: checkpoint={path} does not exist")
+    return path

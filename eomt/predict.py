@@ -1,6 +1,6 @@
 """Run a checkpoint on your own images.
 
-    python -m eomt.predict checkpoint=<file> input=<image|folder> output=<dir> [model=vit_l dataset=coco task=panoptic ...]
+    python -m eomt.predict checkpoint=<file|run dir> input=<image|folder> output=<dir> [model=vit_l dataset=coco task=panoptic ...]
 
 `checkpoint`, `input` and `output` (and optionally `device=auto|cpu|cuda`, `batch_size=1`) are
 this command's own arguments; every other argument is a Hydra override of the training config
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from eomt import api
 from eomt.atomic import write_json
+from eomt.checkpointing import resolve_checkpoint
 from eomt.config import compose
 from eomt.evaluation import build_predictor
 from eomt.inference.writers import (
@@ -107,8 +108,7 @@ def output_name(path: Path, root: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.checkpoint.exists():
-        raise SystemExit(f"error: checkpoint={args.checkpoint} does not exist")
+    checkpoint = resolve_checkpoint(args.checkpoint)
     cfg = compose(overrides)
     check_config(cfg)
     task = cfg.task.name
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = find_images(args.input)
 
     device = resolve_device(args.device)
-    model = api.load(overrides, args.checkpoint).to(device)
+    model = api.load(overrides, checkpoint).to(device)
     predictor = build_predictor(cfg.eval, task)
     writers = {
         "panoptic": lambda: CocoPanopticWriter(
