@@ -13,8 +13,7 @@ import torch
 from eomt.config import compose
 from eomt.model import build_model
 from eomt.profiling import count_params, gflops_per_image, images_per_second
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from eomt.run_setup import AMP_DTYPES
 
 
 def parse_args() -> argparse.Namespace:
@@ -25,7 +24,9 @@ def parse_args() -> argparse.Namespace:
         "overrides", nargs="*", help="Hydra overrides, e.g. model=vit_s model.img_size=[640,640]"
     )
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
+    parser.add_argument(
+        "--dtype", choices=sorted(AMP_DTYPES), default="fp32", help="autocast dtype (fp32: none)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network first")
     parser.add_argument("--iters", type=int, default=20, help="timed forward passes")
@@ -39,7 +40,8 @@ def main() -> None:
     device = torch.device(args.device)
     model = build_model(cfg.model).to(device).eval()
     images = torch.rand(args.batch, 3, *model.img_size, device=device)
-    autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    amp = AMP_DTYPES[args.dtype]
+    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
     with autocast:
         gflops = gflops_per_image(model, images)
