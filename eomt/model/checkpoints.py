@@ -32,11 +32,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from eomt.errors import CheckpointError
+
 _PLACEHOLDERS = {"i": r"\d+", "p": r"weight|bias", "rest": r".+"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the network."""
 
 
 @cache

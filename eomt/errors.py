@@ -1,0 +1,38 @@
+"""Errors a user fixes (configuration, missing or damaged files, checkpoints).
+
+The library raises these typed errors; every entry point converts them with `user_errors()` into
+one line on stderr naming the thing and the fix, and exit code 1. Anything else is a programming
+error and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """Base class: the message is one line that names the file or key and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value or combination that cannot work (checked before anything heavy)."""
+
+
+class DataError(UserError):
+    """A dataset file that is missing, truncated or holds something unusable."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read or does not fit the network."""
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Wrap an entry point's work: a UserError (or a missing file) ends it with one line, exit 1."""
+    try:
+        yield
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
