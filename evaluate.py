@@ -22,9 +22,12 @@ from omegaconf import DictConfig
 from eomt import distributed
 from eomt.api import load_model
 from eomt.checkpointing import resolve_checkpoint
+from eomt.config import check_config
+from eomt.device import resolve_device
+from eomt.errors import user_errors
+from eomt.evaluation import METRICS_FILE, Evaluation
 from eomt.inference.writers import prediction_writer, write_png
-from eomt.run_setup import check_config, one_line_errors, resolve_device, write_run_info
-from eomt.validation import METRICS_FILE, Validator
+from eomt.run_info import write_run_info
 
 log = logging.getLogger("eomt.evaluate")
 
@@ -34,27 +37,27 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     device = resolve_device(cfg.trainer.device)
     distributed.init(device.type)
     model = load_model(cfg.model, resolve_checkpoint(cfg.checkpoint)).to(device)
-    validator = Validator(cfg, device)
+    evaluation = Evaluation.from_config(cfg, device)
     writers = []
     if cfg.eval.write_predictions:
         writers.append(
-            prediction_writer(cfg.task.name, cfg.dataset.name, validator.dataset, out_dir / "predictions")
+            prediction_writer(cfg.task.name, cfg.dataset.name, evaluation.dataset, out_dir / "predictions")
         )
-    metrics = validator.run(model, run_dir=out_dir, callbacks=writers, benchmark=True)
+    result = evaluation.run(model, run_dir=out_dir, callbacks=writers, benchmark=True)
     for writer in writers:
         writer.close()
     if distributed.is_main():
         write_run_info(cfg, out_dir)
-        for image_id, overlay in validator.overlays:
+        for image_id, overlay in result.overlays:
             write_png(out_dir / "overlays" / f"{image_id}.png", overlay.transpose(1, 2, 0))
         print(f"metrics: {out_dir / METRICS_FILE}, overlays: {out_dir / 'overlays'}")
-    return metrics
+    return result.metrics
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        with one_line_errors():
+        with user_errors():
             evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
     finally:
         distributed.cleanup()

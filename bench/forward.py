@@ -11,9 +11,9 @@ import argparse
 import torch
 
 from eomt.config import compose
+from eomt.device import AMP_DTYPES
 from eomt.model import build_model
 from eomt.profiling import count_params, gflops_per_image, images_per_second
-from eomt.run_setup import AMP_DTYPES
 
 
 def parse_args() -> argparse.Namespace:

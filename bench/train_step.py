@@ -16,8 +16,8 @@ import torch
 from hydra.utils import instantiate
 
 from eomt.config import compose
+from eomt.device import AMP_DTYPES
 from eomt.model import build_model
-from eomt.run_setup import AMP_DTYPES
 from eomt.training import param_groups
 
 

@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from eomt import distributed
 from eomt.atomic import atomic_open
+from eomt.errors import CheckpointError
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -91,8 +94,59 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "checkpoints").is_dir():  # a training run directory
         latest = CheckpointManager(path / "checkpoints").latest()
         if latest is None:
-            raise SystemExit(f"error: run directory {path} has no checkpoint yet; train it first")
+            raise CheckpointError(f"run directory {path} has no checkpoint yet; train it first")
         return latest
     if not path.exists():
-        raise SystemExit(f"error: checkpoint={path} does not exist")
+        raise CheckpointError(f"checkpoint={path} does not exist")
     return path
+
+
+def save_training_state(
+    checkpoints: CheckpointManager,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: dict[str, Any],
+    counters: dict[str, int] | None = None,
+) -> Path:
+    """Write the training state after `step` steps; every rank calls it, rank 0 writes.
+
+    Saved: the bare model's state dict, optimiser, scaler, step, every rank's RNG streams, the
+    resolved config and `counters` (plain ints the loop carries, e.g. skipped steps). The data
+    position is the step: the sampler and the augmentation draws are functions of it. Returns the
+    checkpoint's path on every rank, once it is complete.
+    """
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        **(counters or {}),
+        "rng": distributed.all_gather_object(rng_state()),
+        "config": config,
+    }
+    path = checkpoints.save(state, step) if distributed.is_main() else None
+    distributed.barrier()
+    return Path(distributed.broadcast_object(path))
+
+
+def restore_training_state(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """Load what `save_training_state` wrote into the given objects and this rank's RNG streams.
+
+    Returns the checkpoint's plain entries (step and counters) for the loop to continue from.
+    """
+    state = CheckpointManager.load(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rngs, rank = state["rng"], distributed.rank()
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return {k: v for k, v in state.items() if isinstance(v, int)}

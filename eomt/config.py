@@ -1,4 +1,4 @@
-"""Compose the Hydra config from the repository's conf/ outside a Hydra app (API, tests, benchmarks)."""
+"""The Hydra config: compose it from conf/ outside a Hydra app (API, tests, benchmarks), check it."""
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -7,6 +7,9 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
+
+from eomt.device import AMP_DTYPES
+from eomt.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -19,3 +22,18 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail in one line on combinations the config groups cannot express."""
+    task = cfg.task.name
+    if task not in cfg.dataset:
+        supported = [t for t in ("panoptic", "semantic", "instance") if t in cfg.dataset]
+        raise ConfigError(
+            f"dataset {cfg.dataset.name} has no {task} annotations; use task={'|'.join(supported)}"
+        )
+    if cfg.trainer.resume not in ("auto", "never"):
+        raise ConfigError(f"trainer.resume={cfg.trainer.resume} is not one of auto|never")
+    precision = cfg.trainer.precision
+    if precision not in AMP_DTYPES:
+        raise ConfigError(f"trainer.precision={precision} is not one of {'|'.join(AMP_DTYPES)}")

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -193,15 +194,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def local_rank() -> int:
-    return _env.local_rank if _env is not None else 0
-
-
 def is_main() -> bool:
     return rank() == 0
 
 
 def _collective_device() -> torch.device:
+    """NCCL only moves CUDA tensors, gloo only CPU ones."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -232,14 +230,30 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
-def all_true(flag: bool) -> bool:
-    """True only if `flag` is true on every rank."""
-    return -all_reduce_max(-float(bool(flag))) > 0.5
+def all_true(flag: bool | torch.Tensor) -> bool:
+    """True only if `flag` is true on every rank. A tensor flag stays on its device until this one read."""
+    if not is_initialized():
+        return bool(flag)
+    t = torch.as_tensor(flag).to(_collective_device(), torch.float32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t > 0.5)
 
 
-def any_true(flag: bool) -> bool:
-    """True if `flag` is true on at least one rank."""
-    return all_reduce_max(float(bool(flag))) > 0.5
+def sum_across_ranks(array: np.ndarray) -> np.ndarray:
+    """Element-wise sum of a numpy array over all ranks (dtype kept)."""
+    if not is_initialized():
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(_collective_device())
+    return all_reduce_sum_(tensor).cpu().numpy()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """`[obj of rank 0, obj of rank 1, ...]` on rank 0, None elsewhere (lighter than gathering everywhere)."""
+    if not is_initialized():
+        return [obj]
+    gathered: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def all_gather_object(obj: Any) -> list[Any]:

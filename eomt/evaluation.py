@@ -1,31 +1,47 @@
-"""The evaluation loop shared by train.py and evaluate.py.
+"""Evaluation: a model on the validation split, as train.py and evaluate.py run it.
 
-    predictor, evaluator = build_evaluation(cfg.eval, cfg.task.name)
-    loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, sampler=ShardSampler(len(val_set)),
-                        collate_fn=collate_eval, num_workers=cfg.eval.num_workers)
-    metrics = evaluate(model, loader, predictor, evaluator, per_block=cfg.eval.per_block,
-                       callbacks=[OverlayCollector(...), CocoPanopticWriter(...)])
-    print(format_table(metrics))
+    evaluation = Evaluation.from_config(cfg, device)      # or Evaluation(dataset=..., ...)
+    result = evaluation.run(model, step=step, writer=writer, run_dir=run_dir)
+    result.metrics, result.record, result.overlays
 
-Every rank runs its share of the images; `evaluate` returns the metrics of all of them on every
-rank. Callbacks see each batch's final predictions with their samples (overlays, file writers).
+`evaluate(model, loader, predictor, evaluator)` is the loop underneath: every rank runs its share
+of the images (`ShardSampler`) and gets the metrics of all of them. Callbacks see each batch's final
+predictions with their samples (overlays, file writers). `Evaluation.run` also writes
+`metrics.json` (rank 0, atomically), logs the headline numbers and overlays to TensorBoard and
+leaves the caller's RNG streams as they were, so evaluating during training does not change it.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from eomt import distributed
+from eomt.atomic import write_json
+from eomt.data import build_dataset
+from eomt.data.collate import collate_eval
+from eomt.device import AMP_DTYPES
+from eomt.errors import ConfigError
 from eomt.inference.predictor import Predictor
+from eomt.metrics.table import format_table, scalar_metrics
+from eomt.profiling import count_params, gflops_per_image, images_per_second
+from eomt.visualize import OverlayCollector
+
+log = logging.getLogger("eomt.evaluation")
+METRICS_FILE = "metrics.json"
 
 Callback = Callable[[Sequence[dict], Sequence[dict]], None]
 
@@ -39,7 +55,7 @@ class Evaluator(Protocol):
 def build_predictor(eval_cfg: DictConfig, task: str) -> Predictor:
     """The predictor `eval_cfg.predictor.<task>` names."""
     if task not in eval_cfg.predictor:
-        raise ValueError(
+        raise ConfigError(
             f"task={task} has no predictor in conf/eval; use one of {'|'.join(eval_cfg.predictor)}"
         )
     return instantiate(eval_cfg.predictor[task])
@@ -48,7 +64,7 @@ def build_predictor(eval_cfg: DictConfig, task: str) -> Predictor:
 def build_evaluation(eval_cfg: DictConfig, task: str) -> tuple[Predictor, Evaluator]:
     """The predictor and evaluator that `eval_cfg.predictor.<task>` / `eval_cfg.evaluator.<task>` name."""
     if task not in eval_cfg.evaluator:
-        raise ValueError(
+        raise ConfigError(
             f"task={task} has no evaluator in conf/eval; use one of {'|'.join(eval_cfg.evaluator)}"
         )
     return build_predictor(eval_cfg, task), instantiate(eval_cfg.evaluator[task])
@@ -122,3 +138,169 @@ def evaluate(
     if per_block:
         metrics["per_block"] = {i: ev.compute() for i, ev in enumerate(block_evaluators)}
     return metrics
+
+
+@contextmanager
+def masked_attention(model: nn.Module, enabled: bool):
+    """Run with masked attention on or off (models without it are left alone)."""
+    if not hasattr(model, "masked_attn"):
+        yield
+        return
+    previous = model.masked_attn
+    model.masked_attn = enabled
+    try:
+        yield
+    finally:
+        model.masked_attn = previous
+
+
+@dataclass
+class EvaluationResult:
+    """What one `Evaluation.run` found: the evaluator's metrics (every rank), the metrics.json
+    record (rank 0 with a run directory, else empty) and this rank's [prediction | ground truth]
+    overlays as (image_id, uint8 (3,H,W))."""
+
+    metrics: dict[str, Any]
+    record: dict[str, Any] = field(default_factory=dict)
+    overlays: list[tuple[Any, Any]] = field(default_factory=list)
+
+
+class Evaluation:
+    """One split, its predictor and evaluator, built once; `run(model)` scores a model on them."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Dataset,
+        predictor: Predictor,
+        evaluator: Evaluator,
+        task: str,
+        dataset_name: str,
+        class_names: Sequence[str],
+        device: torch.device,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        num_overlays: int = 4,
+        masked_attn: bool = False,
+        per_block: bool = False,
+        precision: str = "fp32",
+    ):
+        self.dataset = dataset
+        self.predictor = predictor
+        self.evaluator = evaluator
+        self.task = task
+        self.dataset_name = dataset_name
+        self.class_names = class_names
+        self.device = device
+        self.num_overlays = num_overlays
+        self.masked = bool(masked_attn or per_block)  # per-block predictions need masked attention
+        self.per_block = per_block
+        self.precision = precision
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=ShardSampler(len(dataset)),
+            collate_fn=collate_eval,
+            num_workers=num_workers,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, device: torch.device) -> Evaluation:
+        """The val split of `cfg.dataset` for `cfg.task`, with the `cfg.eval` settings."""
+        task = cfg.task.name
+        predictor, evaluator = build_evaluation(cfg.eval, task)
+        return cls(
+            dataset=build_dataset(cfg.dataset, task, "val", train=False),
+            predictor=predictor,
+            evaluator=evaluator,
+            task=task,
+            dataset_name=cfg.dataset.name,
+            class_names=cfg.dataset.class_names,
+            device=device,
+            batch_size=cfg.eval.batch_size,
+            num_workers=cfg.eval.num_workers,
+            num_overlays=cfg.eval.num_overlays,
+            masked_attn=cfg.eval.masked_attn,
+            per_block=cfg.eval.per_block,
+            precision=cfg.eval.precision,
+        )
+
+    def run(
+        self,
+        model: nn.Module,
+        *,
+        step: int | None = None,
+        writer: SummaryWriter | None = None,
+        run_dir: Path | None = None,
+        callbacks: Sequence[Callback] = (),
+        benchmark: bool = False,
+    ) -> EvaluationResult:
+        """Score `model`; with `benchmark`, also time its forward pass for metrics.json (fps, gflops)."""
+        overlays = OverlayCollector(self.task, self.class_names, self.num_overlays)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with masked_attention(model, self.masked):
+                metrics = evaluate(
+                    model,
+                    self.loader,
+                    self.predictor,
+                    self.evaluator,
+                    per_block=self.per_block,
+                    callbacks=[overlays, *callbacks],
+                    description=f"eval {self.dataset_name} {self.task}",
+                )
+        result = EvaluationResult(metrics, overlays=overlays.overlays)
+        if not distributed.is_main():
+            return result
+        headline = scalar_metrics(metrics)
+        log.info("%s\n%s", f"step {step}" if step is not None else "evaluation", format_table(metrics))
+        if run_dir is not None:
+            result.record = {
+                "task": self.task,
+                "dataset": self.dataset_name,
+                "step": step,
+                "metrics": headline,
+                "params": count_params(model),
+                "details": _plain(metrics),
+            }
+            if benchmark:
+                result.record.update(self.forward_cost(model))
+            write_json(Path(run_dir) / METRICS_FILE, result.record, indent=2)
+        if writer is not None:
+            for name, value in headline.items():
+                writer.add_scalar(f"val/{name}", value, step)
+            for i, (image_id, image) in enumerate(result.overlays):
+                writer.add_image(f"val/overlay{i}_{image_id}", torch.as_tensor(image), step)
+        return result
+
+    def forward_cost(self, model: nn.Module) -> dict[str, float]:
+        """GFLOPs and images/s of the network alone at batch 1 and the crop size, as the paper reports."""
+        images = torch.rand(1, 3, *model.img_size, device=self.device)
+        amp = AMP_DTYPES[self.precision] if self.device.type == "cuda" else None
+        was_training = model.training
+        model.eval()
+        try:
+            with (
+                masked_attention(model, self.masked),
+                torch.autocast(self.device.type, dtype=amp, enabled=amp is not None),
+            ):
+                gflops = gflops_per_image(model, images)
+                iters = 50 if self.device.type == "cuda" else 3
+                fps = images_per_second(model, images, iters=iters, warmup=min(iters, 10))
+        finally:
+            model.train(was_training)
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"gflops": gflops, "fps": fps, "fps_device": device_name}
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copy: dict keys as strings, tensors and numpy scalars as numbers."""
+    if isinstance(obj, dict | DictConfig):
+        obj = OmegaConf.to_container(obj) if isinstance(obj, DictConfig) else obj
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from eomt import api
 from eomt.atomic import write_json
 from eomt.checkpointing import resolve_checkpoint
-from eomt.config import compose
+from eomt.config import check_config, compose
+from eomt.device import resolve_device
 from eomt.evaluation import build_predictor
 from eomt.inference.writers import (
     CocoInstanceWriter,
@@ -37,7 +38,6 @@ from eomt.inference.writers import (
     SemanticPngWriter,
     write_png,
 )
-from eomt.run_setup import check_config, resolve_device
 from eomt.visualize import overlay_prediction
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}

@@ -136,8 +136,8 @@ class PreemptionHandler:
             log.warning("stopping at the next checkpoint (%s, %s)", got, agreed.name.lower())
         return bool(agreed)
 
-    def finish(self) -> None:
-        """After the checkpoint is written: ask for a requeue where that applies (see module doc).
+    def finish(self, checkpoint_path: str | os.PathLike | None = None) -> None:
+        """After the checkpoint (at `checkpoint_path`) is written: ask for a requeue where that applies.
 
         Returns normally outside submitit, so the caller exits with code 0. Inside a submitit job it
         ends the process the way submitit does on its own signal (`SystemExit`): submitit's handler

@@ -68,10 +68,11 @@ def test_dataset_defaults_to_its_primary_task_and_task_switches():
 
 
 def test_unsupported_dataset_task_pair_says_so_in_one_line():
-    from eomt.run_setup import check_config
+    from eomt.config import check_config
+    from eomt.errors import ConfigError
 
     with pytest.raises(
-        SystemExit, match=r"^error: dataset coco has no semantic annotations; use task=panoptic\|instance$"
+        ConfigError, match=r"^dataset coco has no semantic annotations; use task=panoptic\|instance$"
     ):
         check_config(compose(["dataset=coco", "task=semantic"]))
 

@@ -136,7 +136,7 @@ def test_helpers_are_no_ops_in_one_process(monkeypatch):
     assert distributed.all_gather_object("x") == ["x"]
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
     assert distributed.all_true(True) and not distributed.all_true(False)
-    assert distributed.any_true(True) and not distributed.any_true(False)
+    assert distributed.all_true(torch.tensor(True)) and not distributed.all_true(torch.tensor(False))
     distributed.barrier()
     distributed.cleanup()
 
@@ -164,7 +164,7 @@ def _slurm_rank(rank: int, world: int, port: int, out: str) -> None:
         "gathered": distributed.all_gather_object(f"r{rank}"),
         "broadcast": distributed.broadcast_object({"from": rank}),
         "all_true": distributed.all_true(rank == 0),
-        "any_true": distributed.any_true(rank == 0),
+        "all_true_tensor": distributed.all_true(torch.tensor(rank >= 0)),
         "max": distributed.all_reduce_max(float(rank * 10)),
     }
     distributed.barrier()
@@ -183,4 +183,4 @@ def test_two_ranks_from_a_slurm_step_join_over_gloo(tmp_path):
         assert res["sum"] == 3.0
         assert res["gathered"] == ["r0", "r1"]
         assert res["broadcast"] == {"from": 0}
-        assert (res["all_true"], res["any_true"], res["max"]) == (False, True, 10.0)
+        assert (res["all_true"], res["all_true_tensor"], res["max"]) == (False, True, 10.0)

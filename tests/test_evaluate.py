@@ -11,6 +11,7 @@ import evaluate
 import train
 from eomt.config import compose
 from eomt.data.synthetic import generate
+from eomt.errors import CheckpointError
 from eomt.model import build_model
 from eomt.model.export_hf import export_hf
 
@@ -77,11 +78,11 @@ def test_every_dataset_and_task_evaluates(tmp_path_factory, dataset, task):
 
 def test_trained_demo_checkpoint_evaluates_from_its_run_directory(tmp_path):
     run_dir = tmp_path / "run"
-    trainer = train.Trainer(
+    trained = train.build_run(
         compose(["experiment=demo", "trainer.max_steps=2", "trainer.num_workers=0", "eval.every_epochs=0"]),
         run_dir,
     )
-    trainer.fit()
+    train.train(trained)
     metrics, record = run_evaluate(tmp_path / "eval", "experiment=demo", f"checkpoint={run_dir}")
     assert record["step"] is None and "PQ" in record["metrics"]
     assert set(metrics) >= {"All", "Things", "Stuff"}
@@ -104,7 +105,7 @@ def test_authors_and_transformers_checkpoints_score_like_ours(tmp_path):
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint=.*nope.pt does not exist"):
+    with pytest.raises(CheckpointError, match="checkpoint=.*nope.pt does not exist"):
         run_evaluate(tmp_path, "experiment=demo", f"checkpoint={tmp_path / 'nope.pt'}")
 
 

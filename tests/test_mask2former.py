@@ -308,14 +308,22 @@ def test_each_step_runs_in_its_own_directory():
 def test_each_table_row_trains_and_evaluates_on_synthetic_data(step, tmp_path, monkeypatch):
     import json
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     import train
 
     monkeypatch.setenv("EOMT_CACHE", str(tmp_path / "cache"))
     tiny = "m2f_tiny" if int(step[4]) <= 3 else "tiny"
     overrides = ["experiment=demo", f"+component_step={step}", f"model={tiny}", "trainer.num_workers=0"]
-    cfg = compose_config([*overrides, "trainer.max_steps=2", "loss.num_points=256", "eval.every_epochs=1"])
-    trainer = train.Trainer(cfg, tmp_path / "run")
-    trainer.fit()
-    assert len(trainer.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
+    overrides += [
+        "trainer.max_steps=2",
+        "trainer.log_every_steps=1",
+        "loss.num_points=256",
+        "eval.every_epochs=1",
+    ]
+    cfg = compose_config(overrides)
+    train.train(train.build_run(cfg, tmp_path / "run"))
+    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2] and all(math.isfinite(e.value) for e in events)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["step"] == 2 and "PQ" in record["metrics"] and record["gflops"] > 0

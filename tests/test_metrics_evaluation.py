@@ -26,7 +26,7 @@ from eomt.inference.writers import (
 from eomt.metrics import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator, pq_compute
 from eomt.metrics.instance import coco_mask_ap
 from eomt.metrics.panoptic import id_to_rgb
-from eomt.metrics.report import format_table, scalar_metrics
+from eomt.metrics.table import format_table, scalar_metrics
 from eomt.visualize import OverlayCollector
 
 NAMES = ["red", "green", "blue"]  # classes 0, 1 things; 2 stuff

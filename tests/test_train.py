@@ -29,27 +29,36 @@ def synthetic_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EOMT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def run(tmp_path, *overrides: str) -> train.Trainer:
-    trainer = train.Trainer(compose([*FAST, *overrides]), tmp_path)
-    trainer.fit()
-    return trainer
+def run(tmp_path, *overrides: str) -> train.Run:
+    run = train.build_run(compose([*FAST, *overrides]), tmp_path)
+    train.train(run)
+    return run
+
+
+def logged(run_dir, tag: str = "train/loss") -> dict[int, float]:
+    """step -> value of a TensorBoard scalar the run wrote (a resumed run's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     straight = run(tmp_path / "straight", "trainer.max_steps=6")
-    first = run(tmp_path / "resumed", "trainer.max_steps=3")
-    assert [h["step"] for h in first.history] == [1, 2, 3]
+    run(tmp_path / "resumed", "trainer.max_steps=3")
+    assert list(logged(tmp_path / "resumed")) == [1, 2, 3]
     second = run(tmp_path / "resumed", "trainer.max_steps=6")
-    assert [h["step"] for h in second.history] == [4, 5, 6]
-    expected = [h["loss"] for h in straight.history[3:]]
-    assert [h["loss"] for h in second.history] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    resumed = logged(tmp_path / "resumed")
+    assert list(resumed) == [1, 2, 3, 4, 5, 6]
+    expected = [logged(tmp_path / "straight")[s] for s in (4, 5, 6)]
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_checkpoint_holds_the_whole_training_state(tmp_path):
-    trainer = run(tmp_path, "trainer.max_steps=2")
-    state = torch.load(trainer.checkpoints.latest(), weights_only=True)
+    trained = run(tmp_path, "trainer.max_steps=2")
+    state = torch.load(trained.checkpoints.latest(), weights_only=True)
     assert state["step"] == 2
     assert {"model", "optimizer", "scaler", "rng", "config"} <= set(state)
     assert state["config"]["model"]["name"] == "tiny"
@@ -68,8 +77,8 @@ def test_tensorboard_has_losses_per_block_lrs_annealing_and_speed(tmp_path):
 
 
 def test_non_finite_loss_skips_the_step_and_stops_when_it_persists(tmp_path, monkeypatch):
-    trainer = train.Trainer(compose([*FAST, "trainer.max_steps=4", "trainer.max_bad_steps=2"]), tmp_path)
-    real = trainer.criterion.forward
+    skipping = train.build_run(compose([*FAST, "trainer.max_steps=4", "trainer.max_bad_steps=2"]), tmp_path)
+    real = skipping.criterion.forward
     calls = {"n": 0}
 
     def nan_on_second_call(*args, **kwargs):
@@ -77,12 +86,12 @@ def test_non_finite_loss_skips_the_step_and_stops_when_it_persists(tmp_path, mon
         loss, logs = real(*args, **kwargs)
         return (loss * float("nan"), logs) if calls["n"] == 2 else (loss, logs)
 
-    monkeypatch.setattr(trainer.criterion, "forward", nan_on_second_call)
-    trainer.fit()
-    assert trainer.skipped_steps == 1
-    assert [h["step"] for h in trainer.history] == [1, 3, 4]
+    monkeypatch.setattr(skipping.criterion, "forward", nan_on_second_call)
+    train.train(skipping)
+    assert torch.load(skipping.checkpoints.latest(), weights_only=True)["skipped_steps"] == 1
+    assert list(logged(tmp_path)) == [1, 3, 4]
 
-    diverging = train.Trainer(
+    diverging = train.build_run(
         compose([*FAST, "trainer.max_steps=5", "trainer.max_bad_steps=2"]), tmp_path / "b"
     )
     before = {k: v.clone() for k, v in diverging.model.state_dict().items()}
@@ -90,7 +99,7 @@ def test_non_finite_loss_skips_the_step_and_stops_when_it_persists(tmp_path, mon
         diverging.criterion, "forward", lambda *a, **k: (torch.tensor(float("inf"), requires_grad=True), {})
     )
     with pytest.raises(train.TrainingDiverged, match="2 non-finite losses in a row"):
-        diverging.fit()
+        train.train(diverging)
     for k, v in diverging.model.state_dict().items():
         if k != "attn_mask_probs":
             assert torch.equal(v, before[k]), k
@@ -100,8 +109,8 @@ def test_fine_tuning_onto_a_new_class_set_starts_a_fresh_class_head(tmp_path):
     panoptic = run(tmp_path / "panoptic", "trainer.max_steps=1")  # 5 classes
     checkpoint = panoptic.checkpoints.latest()
     with pytest.raises(CheckpointError, match="class_head"):
-        train.Trainer(compose([*FAST, "task=instance", f"trainer.init_from={checkpoint}"]), tmp_path / "x")
-    tuned = train.Trainer(
+        train.build_run(compose([*FAST, "task=instance", f"trainer.init_from={checkpoint}"]), tmp_path / "x")
+    tuned = train.build_run(
         compose(
             [
                 *FAST,
@@ -118,7 +127,7 @@ def test_fine_tuning_onto_a_new_class_set_starts_a_fresh_class_head(tmp_path):
     for key, value in tuned.model.state_dict().items():
         if not key.startswith("class_head."):
             assert torch.equal(value, source[key]), key
-    tuned.fit()
+    train.train(tuned)
 
 
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str, cache: str, out: str):
@@ -131,9 +140,9 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, cache: str, out:
         EOMT_CACHE=cache,
     )
     torch.set_num_threads(1)
-    trainer = train.Trainer(compose([*FAST, "trainer.max_steps=3"]), Path(run_dir))
-    trainer.fit()
-    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    trained = train.build_run(compose([*FAST, "trainer.max_steps=3"]), Path(run_dir))
+    train.train(trained)
+    torch.save({k: v.clone() for k, v in trained.model.state_dict().items()}, f"{out}/rank{rank}.pt")
     train.distributed.cleanup()
 
 
@@ -162,11 +171,13 @@ def test_ddp_two_processes_keep_identical_parameters(tmp_path):
 @pytest.mark.slow
 def test_demo_learns_far_above_chance(tmp_path):
     """`experiment=demo` as `make demo` runs it (one evaluation, at the end)."""
-    trainer = train.Trainer(compose(["experiment=demo", "eval.every_epochs=1000"]), tmp_path)
-    trainer.fit()
-    losses = [h["loss"] for h in trainer.history]
+    demo = train.build_run(
+        compose(["experiment=demo", "eval.every_epochs=1000", "trainer.log_every_steps=1"]), tmp_path
+    )
+    train.train(demo)
+    losses = list(logged(tmp_path).values())
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
     record = json.loads((tmp_path / "metrics.json").read_text())
-    assert record["step"] == trainer.last_step
+    assert record["step"] == demo.last_step
     assert record["metrics"]["PQ"] > 30.0  # chance is 0: nothing is matched without learning
     assert record["metrics"]["PQ_stuff"] > 60.0

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from eomt.device import AMP_DTYPES
 from eomt.inference.postprocess import (
     instance_masks,
     instance_topk,
@@ -31,7 +32,6 @@ from eomt.inference.postprocess import (
     thing_mask,
 )
 from eomt.inference.resize import letterbox_batch, merge_windows, resize_logits, sliding_windows, unletterbox
-from eomt.run_setup import AMP_DTYPES
 
 
 def _device_of(model: nn.Module) -> torch.device:

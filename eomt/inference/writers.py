@@ -26,10 +26,9 @@ from PIL import Image
 
 from eomt.atomic import write_bytes, write_json
 from eomt.data.cityscapes import LABEL_TO_TRAIN
-from eomt.distributed import is_main
+from eomt.distributed import gather_to_main, is_main
 from eomt.metrics.instance import encode_masks
 from eomt.metrics.panoptic import id_to_rgb
-from eomt.metrics.sync import gather_to_main
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

@@ -19,9 +19,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from eomt.distributed import broadcast_object, is_main
+from eomt.distributed import broadcast_object, gather_to_main, is_main
 from eomt.metrics.cityscapes_instance import CityscapesImageMatches, cityscapes_ap, match_cityscapes_image
-from eomt.metrics.sync import gather_to_main
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

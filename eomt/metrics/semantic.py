@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eomt.metrics.sync import sum_across_ranks
+from eomt.distributed import sum_across_ranks
 
 
 def confusion_matrix(
