@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from eomt.checkpointing import CheckpointManager, atomic_save, rng_state, set_rng_state
+from eomt.checkpointing import (
+    CheckpointManager,
+    atomic_save,
+    restore_training_state,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
 
 
 def test_keeps_last_k_and_finds_latest(tmp_path):
@@ -50,3 +57,37 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
+
+
+def test_training_state_round_trips_with_the_rng_streams(tmp_path):
+    def parts(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        return model, optimizer, torch.amp.GradScaler(enabled=False)
+
+    model, optimizer, scaler = parts(0)
+    manager = CheckpointManager(tmp_path)
+    path = save_training_state(
+        manager,
+        step=7,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        config={"a": 1},
+        counters={"skipped": 2},
+    )
+    assert path == manager.latest()
+    expected_draw = torch.rand(3)
+
+    fresh_model, fresh_optimizer, fresh_scaler = parts(1)
+    state = restore_training_state(path, model=fresh_model, optimizer=fresh_optimizer, scaler=fresh_scaler)
+    assert state == {"step": 7, "skipped": 2}
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the saved run was
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh_model.state_dict()[key], value)
+    moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
+    restored = [s["exp_avg"] for s in fresh_optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments, restored, strict=True))

@@ -181,3 +181,53 @@ def test_demo_learns_far_above_chance(tmp_path):
     assert record["step"] == demo.last_step
     assert record["metrics"]["PQ"] > 30.0  # chance is 0: nothing is matched without learning
     assert record["metrics"]["PQ_stuff"] > 60.0
+
+
+def test_a_step_reads_the_device_once_and_a_logging_step_once_more(tmp_path, monkeypatch):
+    """Each host read (item, float, bool, ...) stalls a GPU's stream: count them on a CPU run.
+
+    The loss's own reads (the matcher solves the assignment on the host) are not the loop's."""
+    run_ = train.build_run(compose([*FAST, "trainer.max_steps=4", "trainer.log_every_steps=4"]), tmp_path)
+    reads: dict[int, int] = {}
+    phase = {"step": None}
+
+    def counting(real):
+        def read(tensor, *args, **kwargs):
+            if phase["step"] is not None:
+                reads[phase["step"]] = reads.get(phase["step"], 0) + 1
+            return real(tensor, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+
+    def during(fn, step_of):
+        def wrapped(*args, **kwargs):
+            phase["step"] = step_of(*args)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phase["step"] = None
+
+        return wrapped
+
+    real_loss = run_.criterion.forward
+
+    def loss_uncounted(*args, **kwargs):
+        step, phase["step"] = phase["step"], None
+        try:
+            return real_loss(*args, **kwargs)
+        finally:
+            phase["step"] = step
+
+    monkeypatch.setattr(run_.criterion, "forward", loss_uncounted)
+    monkeypatch.setattr(
+        train, "optimisation_step", during(train.optimisation_step, lambda run, b, step: step + 1)
+    )
+    monkeypatch.setattr(
+        train.TrainLog, "maybe_log", during(train.TrainLog.maybe_log, lambda log, step, terms: step)
+    )
+    train.train(run_)
+    assert reads == {1: 2, 2: 1, 3: 1, 4: 2}  # the finite flag every step; the terms on logging steps
+    assert set(logged(tmp_path)) == {1, 4}
