@@ -83,7 +83,7 @@ def test_query_with_empty_mask_sees_queries_and_prefix_only(make_tiny_eomt, fami
     model = make_tiny_eomt(family).eval()
     num_q, start = 7, 7 + model.num_prefix_tokens
     images = torch.rand(1, 3, 64, 64)
-    tokens, rope, grid = model._runner.embed(model.backbone, images)
+    tokens, rope, grid = model._runner.embed(images)
     x = torch.cat((model.q.weight[None], tokens), dim=1)
     logits = torch.full((1, num_q, 16, 16), -1.0)
     logits[0, 1] = 1.0  # query 1 sees every patch, query 0 none

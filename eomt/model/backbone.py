@@ -112,12 +112,14 @@ def _lookup(registry: dict[type, Any], obj: object, what: str) -> Any:
 
 
 class BackboneRunner:
-    """Runs a timm ViT token by token for EoMT: embedding, then any block with an optional mask.
+    """Runs the timm ViT it was built from token by token: embedding, then any block with an optional mask.
 
-    Holds plain functions and a reference to the backbone's modules, never parameters of its own.
+    Not a module: it holds plain functions and a reference to the backbone (the owning network keeps
+    the backbone as its `.backbone` submodule), never parameters of its own.
     """
 
     def __init__(self, backbone: nn.Module):
+        self.backbone = backbone
         family: Family = _lookup(FAMILIES, backbone, "backbone")
         if family.has_patch_dropout(backbone):
             raise ValueError("EoMT needs every patch token: set model.backbone_kwargs.patch_drop_rate=0")
@@ -129,15 +131,14 @@ class BackboneRunner:
         self.num_prefix_tokens: int = backbone.num_prefix_tokens
         self.rope_per_block: bool = bool(getattr(backbone, "rope_mixed", False))
 
-    def embed(self, backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+    def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
         """Tokens [prefix | patches] (B, N, D), the rotary embedding (or None) and the patch grid."""
         grid = (images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1])
-        tokens, rope = self._embed(backbone, images)
+        tokens, rope = self._embed(self.backbone, images)
         return tokens, rope, grid
 
     def block(
         self,
-        backbone: nn.Module,
         index: int,
         x: Tensor,
         rope: Tensor | None,
@@ -148,4 +149,4 @@ class BackboneRunner:
         if rope is not None and self.rope_per_block:
             rope = rope[index]
         attend = partial(attention, rope=rope, num_unroped=num_unroped, attn_mask=attn_mask)
-        return self._block_forwards[index](backbone.blocks[index], x, attend)
+        return self._block_forwards[index](self.backbone.blocks[index], x, attend)

@@ -146,63 +146,59 @@ class Converted:
     incomplete: list[str] = field(default_factory=list)  # our fused tensors with slices missing
 
 
-def _rule(external: str, ours: str, part: int = 0, parts: int = 1, squeeze: bool = False) -> KeyRule:
-    return KeyRule(external, ours, part, parts, squeeze)
-
-
 # Transformers' EomtLayer (DINOv2) <-> timm vision_transformer.Block.
 _HF_DINOV2_LAYER = (
-    _rule("norm1.{p}", "norm1.{p}"),
-    _rule("attention.q_proj.{p}", "attn.qkv.{p}", 0, 3),
-    _rule("attention.k_proj.{p}", "attn.qkv.{p}", 1, 3),
-    _rule("attention.v_proj.{p}", "attn.qkv.{p}", 2, 3),
-    _rule("attention.out_proj.{p}", "attn.proj.{p}"),
-    _rule("layer_scale1.lambda1", "ls1.gamma"),
-    _rule("norm2.{p}", "norm2.{p}"),
-    _rule("layer_scale2.lambda1", "ls2.gamma"),
+    KeyRule("norm1.{p}", "norm1.{p}"),
+    KeyRule("attention.q_proj.{p}", "attn.qkv.{p}", 0, 3),
+    KeyRule("attention.k_proj.{p}", "attn.qkv.{p}", 1, 3),
+    KeyRule("attention.v_proj.{p}", "attn.qkv.{p}", 2, 3),
+    KeyRule("attention.out_proj.{p}", "attn.proj.{p}"),
+    KeyRule("layer_scale1.lambda1", "ls1.gamma"),
+    KeyRule("norm2.{p}", "norm2.{p}"),
+    KeyRule("layer_scale2.lambda1", "ls2.gamma"),
 )
-_HF_DINOV2_MLP = (_rule("mlp.fc1.{p}", "mlp.fc1.{p}"), _rule("mlp.fc2.{p}", "mlp.fc2.{p}"))
+_HF_DINOV2_MLP = (KeyRule("mlp.fc1.{p}", "mlp.fc1.{p}"), KeyRule("mlp.fc2.{p}", "mlp.fc2.{p}"))
 # timm's SwiGLUPacked fc1 holds [gate | up]; the gate half goes through SiLU.
 _HF_DINOV2_SWIGLU = (
-    _rule("mlp.gate_proj.{p}", "mlp.fc1.{p}", 0, 2),
-    _rule("mlp.up_proj.{p}", "mlp.fc1.{p}", 1, 2),
-    _rule("mlp.down_proj.{p}", "mlp.fc2.{p}"),
+    KeyRule("mlp.gate_proj.{p}", "mlp.fc1.{p}", 0, 2),
+    KeyRule("mlp.up_proj.{p}", "mlp.fc1.{p}", 1, 2),
+    KeyRule("mlp.down_proj.{p}", "mlp.fc2.{p}"),
 )
 
 # The Transformers DINOv3 layer (used by the authors' DINOv3 releases too) <-> timm EvaBlock (`_qkvb`).
 _DINOV3_LAYER = (
-    _rule("norm1.{p}", "norm1.{p}"),
-    _rule("attention.q_proj.weight", "attn.qkv.weight", 0, 3),
-    _rule("attention.k_proj.weight", "attn.qkv.weight", 1, 3),
-    _rule("attention.v_proj.weight", "attn.qkv.weight", 2, 3),
-    _rule("attention.q_proj.bias", "attn.q_bias"),
-    _rule("attention.v_proj.bias", "attn.v_bias"),
-    _rule("attention.o_proj.{p}", "attn.proj.{p}"),
-    _rule("layer_scale1.lambda1", "gamma_1"),
-    _rule("norm2.{p}", "norm2.{p}"),
-    _rule("mlp.up_proj.{p}", "mlp.fc1.{p}"),
-    _rule("mlp.down_proj.{p}", "mlp.fc2.{p}"),
-    _rule("layer_scale2.lambda1", "gamma_2"),
+    KeyRule("norm1.{p}", "norm1.{p}"),
+    KeyRule("attention.q_proj.weight", "attn.qkv.weight", 0, 3),
+    KeyRule("attention.k_proj.weight", "attn.qkv.weight", 1, 3),
+    KeyRule("attention.v_proj.weight", "attn.qkv.weight", 2, 3),
+    KeyRule("attention.q_proj.bias", "attn.q_bias"),
+    KeyRule("attention.v_proj.bias", "attn.v_bias"),
+    KeyRule("attention.o_proj.{p}", "attn.proj.{p}"),
+    KeyRule("layer_scale1.lambda1", "gamma_1"),
+    KeyRule("norm2.{p}", "norm2.{p}"),
+    KeyRule("mlp.up_proj.{p}", "mlp.fc1.{p}"),
+    KeyRule("mlp.down_proj.{p}", "mlp.fc2.{p}"),
+    KeyRule("layer_scale2.lambda1", "gamma_2"),
 )
 
 _HF_HEADS = (
-    _rule("query.weight", "q.weight"),
-    _rule("class_predictor.{p}", "class_head.{p}"),
-    _rule("mask_head.fc1.{p}", "mask_head.0.{p}"),
-    _rule("mask_head.fc2.{p}", "mask_head.2.{p}"),
-    _rule("mask_head.fc3.{p}", "mask_head.4.{p}"),
-    _rule("upscale_block.block.{i}.conv1.{p}", "upscale.{i}.conv1.{p}"),
-    _rule("upscale_block.block.{i}.conv2.{p}", "upscale.{i}.conv2.{p}"),
-    _rule("upscale_block.block.{i}.layernorm2d.{p}", "upscale.{i}.norm.{p}"),
-    _rule("attn_mask_probs", "attn_mask_probs"),
+    KeyRule("query.weight", "q.weight"),
+    KeyRule("class_predictor.{p}", "class_head.{p}"),
+    KeyRule("mask_head.fc1.{p}", "mask_head.0.{p}"),
+    KeyRule("mask_head.fc2.{p}", "mask_head.2.{p}"),
+    KeyRule("mask_head.fc3.{p}", "mask_head.4.{p}"),
+    KeyRule("upscale_block.block.{i}.conv1.{p}", "upscale.{i}.conv1.{p}"),
+    KeyRule("upscale_block.block.{i}.conv2.{p}", "upscale.{i}.conv2.{p}"),
+    KeyRule("upscale_block.block.{i}.layernorm2d.{p}", "upscale.{i}.norm.{p}"),
+    KeyRule("attn_mask_probs", "attn_mask_probs"),
 )
 
 _AUTHORS_HEADS = (
-    _rule("network.q.weight", "q.weight"),
-    _rule("network.class_head.{p}", "class_head.{p}"),
-    _rule("network.mask_head.{rest}", "mask_head.{rest}"),
-    _rule("network.upscale.{rest}", "upscale.{rest}"),
-    _rule("network.attn_mask_probs", "attn_mask_probs"),
+    KeyRule("network.q.weight", "q.weight"),
+    KeyRule("network.class_head.{p}", "class_head.{p}"),
+    KeyRule("network.mask_head.{rest}", "mask_head.{rest}"),
+    KeyRule("network.upscale.{rest}", "upscale.{rest}"),
+    KeyRule("network.attn_mask_probs", "attn_mask_probs"),
 )
 _AUTHORS_IGNORED = ("network.encoder.pixel_mean", "network.encoder.pixel_std", "criterion.{rest}")
 
@@ -211,11 +207,11 @@ def _hf_eomt_layout(mlp_rules: tuple[KeyRule, ...]) -> Layout:
     return Layout(
         name="Transformers EomtForUniversalSegmentation",
         rules=(
-            _rule("embeddings.cls_token", "backbone.cls_token"),
-            _rule("embeddings.register_tokens", "backbone.reg_token"),
-            _rule("embeddings.position_embeddings.weight", "backbone.pos_embed", squeeze=True),
-            _rule("embeddings.patch_embeddings.projection.{p}", "backbone.patch_embed.proj.{p}"),
-            _rule("layernorm.{p}", "backbone.norm.{p}"),
+            KeyRule("embeddings.cls_token", "backbone.cls_token"),
+            KeyRule("embeddings.register_tokens", "backbone.reg_token"),
+            KeyRule("embeddings.position_embeddings.weight", "backbone.pos_embed", squeeze=True),
+            KeyRule("embeddings.patch_embeddings.projection.{p}", "backbone.patch_embed.proj.{p}"),
+            KeyRule("layernorm.{p}", "backbone.norm.{p}"),
             *_nest(_HF_DINOV2_LAYER + mlp_rules, "layers.{i}.", "backbone.blocks.{i}."),
             *_HF_HEADS,
         ),
@@ -230,10 +226,10 @@ HF_EOMT_SWIGLU = _hf_eomt_layout(_HF_DINOV2_SWIGLU)
 HF_EOMT_DINOV3 = Layout(
     name="Transformers EomtDinov3ForUniversalSegmentation",
     rules=(
-        _rule("embeddings.cls_token", "backbone.cls_token"),
-        _rule("embeddings.register_tokens", "backbone.reg_token"),
-        _rule("embeddings.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"),
-        _rule("layernorm.{p}", "backbone.norm.{p}"),
+        KeyRule("embeddings.cls_token", "backbone.cls_token"),
+        KeyRule("embeddings.register_tokens", "backbone.reg_token"),
+        KeyRule("embeddings.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"),
+        KeyRule("layernorm.{p}", "backbone.norm.{p}"),
         *_nest(_DINOV3_LAYER, "layers.{i}.", "backbone.blocks.{i}."),
         *_HF_HEADS,
     ),
@@ -242,7 +238,7 @@ HF_EOMT_DINOV3 = Layout(
 
 AUTHORS_DINOV2 = Layout(
     name="authors' EoMT release (DINOv2)",
-    rules=(_rule("network.encoder.backbone.{rest}", "backbone.{rest}"), *_AUTHORS_HEADS),
+    rules=(KeyRule("network.encoder.backbone.{rest}", "backbone.{rest}"), *_AUTHORS_HEADS),
     ignored=_AUTHORS_IGNORED,
 )
 
@@ -250,10 +246,12 @@ _AUTHORS_DINOV3_BACKBONE = "network.encoder.backbone."
 AUTHORS_DINOV3_DELTA = Layout(
     name="authors' EoMT release (DINOv3, backbone as delta)",
     rules=(
-        _rule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.cls_token", "backbone.cls_token"),
-        _rule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.register_tokens", "backbone.reg_token"),
-        _rule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"),
-        _rule(_AUTHORS_DINOV3_BACKBONE + "norm.{p}", "backbone.norm.{p}"),
+        KeyRule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.cls_token", "backbone.cls_token"),
+        KeyRule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.register_tokens", "backbone.reg_token"),
+        KeyRule(
+            _AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"
+        ),
+        KeyRule(_AUTHORS_DINOV3_BACKBONE + "norm.{p}", "backbone.norm.{p}"),
         *_nest(_DINOV3_LAYER, _AUTHORS_DINOV3_BACKBONE + "blocks.{i}.", "backbone.blocks.{i}."),
         *_AUTHORS_HEADS,
     ),
@@ -261,7 +259,7 @@ AUTHORS_DINOV3_DELTA = Layout(
     backbone_is_delta=True,
 )
 
-OURS = Layout(name="eomt", rules=(_rule("{rest}", "{rest}"),))
+OURS = Layout(name="eomt", rules=(KeyRule("{rest}", "{rest}"),))
 
 
 def detect_layout(state: Mapping[str, Tensor]) -> Layout | None:

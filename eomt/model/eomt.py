@@ -103,7 +103,7 @@ class EoMT(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         x = (images - self.pixel_mean) / self.pixel_std
-        tokens, rope, grid = self._runner.embed(self.backbone, x)
+        tokens, rope, grid = self._runner.embed(x)
         depth = len(self.backbone.blocks)
         first_query_block = depth - self.num_blocks
         mask_logits: list[Tensor] = []
@@ -120,7 +120,7 @@ class EoMT(nn.Module):
                 class_logits.append(classes)
                 attn_mask = self.attention_mask(masks, grid, self.attn_mask_probs[i - first_query_block])
             num_unroped = self.num_prefix_tokens + (self.num_queries if in_query_blocks else 0)
-            tokens = self._runner.block(self.backbone, i, tokens, rope, num_unroped, attn_mask)
+            tokens = self._runner.block(i, tokens, rope, num_unroped, attn_mask)
         masks, classes = self.predict(tokens, grid)
         mask_logits.append(masks)
         class_logits.append(classes)

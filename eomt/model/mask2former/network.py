@@ -114,8 +114,8 @@ class Mask2FormerViT(nn.Module):
         the final prediction last; in training one entry per decoder layer plus the one before it."""
         x = (images - self.pixel_mean) / self.pixel_std
         if self.adapter is not None:
-            maps = self.adapter(x, self.backbone, self._runner)
+            maps = self.adapter(x, self._runner)
         else:
-            maps = self.pyramid(vit_ops.feature_map(self.backbone, self._runner, x))
+            maps = self.pyramid(vit_ops.feature_map(self._runner, x))
         mask_features, memory = self.pixel_decoder(maps)
         return self.transformer_decoder(memory, mask_features)

@@ -2,33 +2,26 @@
 EoMT's `BackboneRunner` (embedding, then blocks one at a time, rotary embeddings included)."""
 
 import torch
-from torch import nn
 
 from eomt.model.backbone import BackboneRunner
 
 
 def run_blocks(
-    backbone: nn.Module,
-    runner: BackboneRunner,
-    tokens: torch.Tensor,
-    rope: torch.Tensor | None,
-    blocks: range,
+    runner: BackboneRunner, tokens: torch.Tensor, rope: torch.Tensor | None, blocks: range
 ) -> torch.Tensor:
     for index in blocks:
-        tokens = runner.block(backbone, index, tokens, rope, runner.num_prefix_tokens, None)
+        tokens = runner.block(index, tokens, rope, runner.num_prefix_tokens, None)
     return tokens
 
 
-def patch_map(
-    backbone: nn.Module, runner: BackboneRunner, tokens: torch.Tensor, grid: tuple[int, int]
-) -> torch.Tensor:
+def patch_map(runner: BackboneRunner, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Tokens [prefix | patches] -> the patches after the backbone's final norm, as (B, D, h, w)."""
-    patches = backbone.norm(tokens)[:, runner.num_prefix_tokens :]
+    patches = runner.backbone.norm(tokens)[:, runner.num_prefix_tokens :]
     return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *grid)
 
 
-def feature_map(backbone: nn.Module, runner: BackboneRunner, images: torch.Tensor) -> torch.Tensor:
+def feature_map(runner: BackboneRunner, images: torch.Tensor) -> torch.Tensor:
     """Normalised images -> the ViT's last features as a 1/patch map (B, D, H/p, W/p)."""
-    tokens, rope, grid = runner.embed(backbone, images)
-    tokens = run_blocks(backbone, runner, tokens, rope, range(len(backbone.blocks)))
-    return patch_map(backbone, runner, tokens, grid)
+    tokens, rope, grid = runner.embed(images)
+    tokens = run_blocks(runner, tokens, rope, range(len(runner.backbone.blocks)))
+    return patch_map(runner, tokens, grid)

@@ -233,24 +233,22 @@ class ViTAdapter(nn.Module):
                 module.reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    def forward(
-        self, images: torch.Tensor, backbone: nn.Module, runner: BackboneRunner
-    ) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, runner: BackboneRunner) -> list[torch.Tensor]:
         """Normalised images -> [1/4, 1/8, 1/16, 1/32] maps of width embed_dim."""
         c1, *coarser = self.spatial_prior(images)
         coarser = [m + e[None, :, None, None] for m, e in zip(coarser, self.level_embed, strict=True)]
         features, feature_shapes = flatten_levels(coarser)
 
-        tokens, rope, grid = runner.embed(backbone, images)
+        tokens, rope, grid = runner.embed(images)
         for blocks, interaction in zip(self.block_groups, self.interactions, strict=True):
-            run_blocks = partial(vit_ops.run_blocks, backbone, runner, rope=rope, blocks=blocks)
+            run_blocks = partial(vit_ops.run_blocks, runner, rope=rope, blocks=blocks)
             tokens, features = interaction(
                 tokens, features, run_blocks, runner.num_prefix_tokens, [grid], feature_shapes
             )
 
         c2, c3, c4 = unflatten_levels(features, feature_shapes)
         c1 = c1 + self.up(c2)
-        vit_map = vit_ops.patch_map(backbone, runner, tokens, grid)
+        vit_map = vit_ops.patch_map(runner, tokens, grid)
         # The ViT's own features, resized to every level, are added to the adapter's.
         return [
             norm(cnn_map + resize_like(vit_map, cnn_map))
