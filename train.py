@@ -131,6 +131,18 @@ def annealing_schedule(cfg: DictConfig, model: nn.Module, total_steps: int) -> C
     return lambda step: annealing_probs(step, starts, ends, cfg.schedule.poly_power)
 
 
+def check_schedule(schedule: DictConfig, total_steps: int, epochs: int, steps_per_epoch: int) -> None:
+    """The warmups must end before the run does (checked before the model and loader workers exist)."""
+    warmups = schedule.warmup_steps + schedule.backbone_warmup_steps
+    if total_steps <= warmups:
+        raise ConfigError(
+            f"schedule.warmup_steps + schedule.backbone_warmup_steps = {schedule.warmup_steps} + "
+            f"{schedule.backbone_warmup_steps} must be fewer than the run's {total_steps} steps "
+            f"(trainer.epochs={epochs} x {steps_per_epoch} steps per epoch); shorten the warmups or raise "
+            "trainer.epochs"
+        )
+
+
 def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
     groups = param_groups(
         model,
@@ -157,7 +169,7 @@ class Run:
     cfg: DictConfig
     run_dir: Path
     device: torch.device
-    amp_dtype: torch.dtype | None
+    precision: str  # bf16 | fp16 | fp32 (always fp32 on CPU)
     world_size: int
     data: TrainData
     total_steps: int
@@ -179,6 +191,10 @@ class Run:
     def main(self) -> bool:
         return distributed.is_main()
 
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.precision]
+
 
 def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
     """Every part of the run, in the order that matters (see the comments)."""
@@ -191,6 +207,7 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = build_data(cfg, env, device)
     total_steps = cfg.trainer.epochs * data.steps_per_epoch
+    check_schedule(cfg.schedule, total_steps, cfg.trainer.epochs, data.steps_per_epoch)
     # The bare module: saved and evaluated. Fine-tuning starts from any checkpoint eomt.api reads.
     model = load_model(cfg.model, cfg.trainer.init_from, cfg.trainer.skip_class_head).train().to(device)
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample loss points and masks independently
@@ -201,7 +218,7 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         cfg=cfg,
         run_dir=run_dir,
         device=device,
-        amp_dtype=AMP_DTYPES[precision],
+        precision=precision,
         world_size=env.world_size,
         data=data,
         total_steps=total_steps,
@@ -235,15 +252,26 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     return run
 
 
-def resume(run: Run) -> int:
-    """The step to start from: the run directory's newest checkpoint's, restored into `run`, or 0."""
+def resume(run: Run) -> tuple[int, Path | None]:
+    """(step to start from, checkpoint restored into `run`): the run directory's newest, or (0, None)."""
     path = run.checkpoints.latest() if run.cfg.trainer.resume != "never" else None
     if path is None:
-        return 0
+        return 0, None
     state = restore_training_state(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler)
     run.skipped_steps = state.get("skipped_steps", 0)
-    log.info("resumed from %s at step %d", path, state["step"])
-    return state["step"]
+    return state["step"], path
+
+
+def banner(run: Run, start: int, checkpoint: Path | None) -> str:
+    """What this run is about to do, logged first: where, from what, to where, on what."""
+    data, cfg = run.data, run.cfg
+    origin = f"resumed from {checkpoint} at step {start}" if checkpoint else "fresh start at step 0"
+    return (
+        f"run {run.run_dir}: {origin}, last step {run.last_step} of {run.total_steps}\n"
+        f"  {run.world_size} rank(s) on {run.device}, precision {run.precision}, "
+        f"batch {cfg.trainer.batch_size} = {data.micro} per micro-batch x {run.world_size} rank(s) x "
+        f"{data.accum} accumulation step(s), {data.steps_per_epoch} steps per epoch"
+    )
 
 
 # --- one optimisation step -------------------------------------------------------------------------
@@ -296,19 +324,19 @@ def optimisation_step(run: Run, micro_batches: list[Batch], step: int) -> dict[s
 # --- around the step ------------------------------------------------------------------------------
 class TrainLog:
     """The steps' loss terms summed on the device; every `every` steps they are read back once and
-    written, with lrs, annealing and speed, to TensorBoard (rank 0 only)."""
+    written, with lrs, annealing and speed, to TensorBoard and as one line to train.log (rank 0)."""
 
-    def __init__(self, run: Run, writer: SummaryWriter | None):
+    def __init__(self, run: Run, writer: SummaryWriter | None, start_step: int):
         self.run = run
         self.writer = writer
         self.every = run.cfg.trainer.log_every_steps
-        self._reset()
+        self._reset(start_step)
 
-    def _reset(self) -> None:
+    def _reset(self, step: int) -> None:
         self.names: list[str] = []
         self.sum: Tensor | None = None
-        self.steps = 0
-        self.start = time.perf_counter()
+        self.finite_steps = 0  # steps whose terms are in `sum` (skipped ones are not)
+        self.since_step, self.since = step, time.perf_counter()
 
     def maybe_log(self, step: int, terms: dict[str, Tensor] | None) -> None:
         """`step` steps are done; `terms` are the last one's (None: it was skipped)."""
@@ -317,26 +345,44 @@ class TrainLog:
         if terms is not None:
             values = torch.stack([v.reshape(()) for v in terms.values()])
             self.names, self.sum = list(terms), values if self.sum is None else self.sum + values
-            self.steps += 1
+            self.finite_steps += 1
         if step % self.every and step != 1:
             return
         run, writer = self.run, self.writer
+        means = {}
         if self.sum is not None:  # the one read back from the device
-            for name, value in zip(self.names, (self.sum / self.steps).tolist(), strict=True):
-                writer.add_scalar(f"train/{name}", value, step)
+            means = dict(zip(self.names, (self.sum / self.finite_steps).tolist(), strict=True))
+        for name, value in means.items():
+            writer.add_scalar(f"train/{name}", value, step)
         lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
         for name in ("backbone.blocks.0", f"backbone.blocks.{len(run.model.backbone.blocks) - 1}", "heads"):
             writer.add_scalar(f"lr/{name}", lrs[name], step)
         if run.annealing is not None:
             for i, p in enumerate(run.annealing(step - 1)):
                 writer.add_scalar(f"annealing/block{i}", p, step)
-        elapsed = time.perf_counter() - self.start
-        writer.add_scalar(
-            "perf/images_per_s", self.steps * run.cfg.trainer.batch_size / max(elapsed, 1e-9), step
-        )
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        images_per_s = self.finite_steps * run.cfg.trainer.batch_size / elapsed
+        writer.add_scalar("perf/images_per_s", images_per_s, step)
         if run.device.type == "cuda":
             writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
-        self._reset()
+        eta = (run.last_step - step) * elapsed / max(step - self.since_step, 1)
+        loss = f"{means['loss']:.4f}" if "loss" in means else "- (non-finite)"
+        log.info(
+            "step %d/%d  loss %s  lr %.3g  %.1f images/s  ETA %s",
+            step,
+            run.last_step,
+            loss,
+            lrs["heads"],
+            images_per_s,
+            _duration(eta),
+        )
+        self._reset(step)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def save(run: Run, step: int) -> Path:
@@ -387,12 +433,24 @@ def log_hparams_row(run: Run, writer: SummaryWriter | None, record: dict[str, An
 # --- the loop -------------------------------------------------------------------------------------
 def train(run: Run) -> None:
     cfg, data = run.cfg, run.data
-    start = resume(run)
+    start, checkpoint = resume(run)
+    if run.main:
+        log.info("%s", banner(run, start, checkpoint))
+    if start >= run.last_step:
+        if run.main:
+            log.warning(
+                "%s already finished at step %d (last step %d): nothing to train; pass a new name=... for a "
+                "separate run, or trainer.resume=never to train this one again from scratch",
+                run.run_dir,
+                start,
+                run.last_step,
+            )
+        return
     preemption = PreemptionHandler()
     preemption.install()
     # Steps after the checkpoint that an interrupted run logged are dropped: logging restarts at start + 1.
     writer = SummaryWriter(run.run_dir / "tb", purge_step=start + 1) if run.main else None
-    train_log = TrainLog(run, writer)
+    train_log = TrainLog(run, writer, start)
     progress = tqdm(
         total=run.last_step, initial=start, disable=not run.main, desc="train", dynamic_ncols=True
     )

@@ -25,7 +25,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail in one line on combinations the config groups cannot express."""
+    """Fail in one line on combinations the config groups cannot express (before anything is built)."""
     task = cfg.task.name
     if task not in cfg.dataset:
         supported = [t for t in ("panoptic", "semantic", "instance") if t in cfg.dataset]
@@ -37,3 +37,10 @@ def check_config(cfg: DictConfig) -> None:
     precision = cfg.trainer.precision
     if precision not in AMP_DTYPES:
         raise ConfigError(f"trainer.precision={precision} is not one of {'|'.join(AMP_DTYPES)}")
+    crop, patch = list(cfg.dataset.crop_size), cfg.model.get("patch_size")
+    if patch and any(side % patch for side in crop):
+        fitting = [max(patch, round(side / patch) * patch) for side in crop]
+        raise ConfigError(
+            f"dataset.crop_size={crop} is not a multiple of model.patch_size={patch}; use e.g. "
+            f"dataset.crop_size=[{fitting[0]},{fitting[1]}]"
+        )

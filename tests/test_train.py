@@ -1,7 +1,9 @@
 """The training loop end to end on the synthetic data with the tiny model (CPU)."""
 
 import json
+import logging
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch.multiprocessing as mp
 
 import train
 from eomt.config import compose
+from eomt.errors import ConfigError
 from eomt.model import CheckpointError, build_model
 
 FAST = [
@@ -231,3 +234,53 @@ def test_a_step_reads_the_device_once_and_a_logging_step_once_more(tmp_path, mon
     train.train(run_)
     assert reads == {1: 2, 2: 1, 3: 1, 4: 2}  # the finite flag every step; the terms on logging steps
     assert set(logged(tmp_path)) == {1, 4}
+
+
+def test_a_run_starts_with_a_banner_logs_its_progress_and_a_finished_run_says_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="eomt.train")
+    run(tmp_path, "trainer.max_steps=2", "trainer.log_every_steps=2")
+    assert f"run {tmp_path}: fresh start at step 0, last step 2 of " in caplog.text
+    assert (
+        "1 rank(s) on cpu, precision fp32, batch 4 = 4 per micro-batch x 1 rank(s) x 1 accumulation"
+        in caplog.text
+    )
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(progress) == 2  # step 1, then every log_every_steps
+    assert re.fullmatch(r"step 2/2  loss \d+\.\d{4}  lr \S+  \d+\.\d images/s  ETA 0:00:00", progress[1])
+
+    caplog.clear()
+    run(tmp_path, "trainer.max_steps=3", "trainer.micro_batch_size=2")
+    assert (
+        f"resumed from {tmp_path / 'checkpoints' / 'step_00000002.pt'} at step 2, last step 3" in caplog.text
+    )
+    assert "batch 4 = 2 per micro-batch x 1 rank(s) x 2 accumulation step(s)" in caplog.text
+
+    caplog.clear()
+    checkpoints = sorted((tmp_path / "checkpoints").iterdir())
+    run(tmp_path, "trainer.max_steps=3")
+    finished = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
+    assert len(finished) == 1 and "\n" not in finished[0]
+    assert "at step 3" in finished[0] and "name=" in finished[0] and "trainer.resume=never" in finished[0]
+    assert sorted((tmp_path / "checkpoints").iterdir()) == checkpoints
+    assert list(logged(tmp_path)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            "schedule.warmup_steps=1000",
+            r"^schedule.warmup_steps \+ schedule.backbone_warmup_steps = 1000 \+ 40 ",
+        ),
+        (
+            "dataset.crop_size=[60,60]",
+            r"^dataset.crop_size=\[60, 60\] .* model.patch_size=16; use e.g. .*\[64,64\]$",
+        ),
+        ("trainer.batch_size=512", r"^the synthetic train split has 100 images, fewer than one step"),
+        ("dataset=coco task=semantic", r"^dataset coco has no semantic annotations"),
+    ],
+)
+def test_config_mistakes_are_one_line_before_the_model_is_built(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=message):
+        train.build_run(compose([*FAST, *overrides.split()]), tmp_path)
