@@ -12,7 +12,7 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": tor
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when visible, else cpu; "cuda" -> this local rank's GPU."""
+    """`auto`: cuda when visible, else cpu; `cuda`: this local rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -19,8 +19,8 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from eomt.model.checkpoints import HF_EOMT_DINOV3, HF_EOMT_MLP, HF_EOMT_SWIGLU, Layout
 from eomt.model.eomt import EoMT
+from eomt.model.weight_formats import HF_EOMT_DINOV3, HF_EOMT_MLP, HF_EOMT_SWIGLU, Layout
 
 
 class ExportError(ValueError):
