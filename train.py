@@ -144,20 +144,22 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
-    def save(self) -> None:
+    def save(self) -> Path:
         state = self.state_dict()  # every rank takes part in gathering the RNG states
+        path = self.checkpoints.folder / CheckpointManager.file_name(self.step)
         if self.main:
-            path = self.checkpoints.save(state, self.step)
+            self.checkpoints.save(state, self.step)
             log.info("saved %s", path)
         distributed.barrier()
+        return path
 
     def resume(self) -> None:
         if self.cfg.trainer.resume == "never":
             return
-        path = self.checkpoints.latest()
-        if path is None:
+        found = self.checkpoints.load_latest()  # skips (and renames) unreadable ones
+        if found is None:
             return
-        state = CheckpointManager.load(path)
+        path, state = found
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -259,7 +261,12 @@ class Trainer:
                 epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
                 batches = iter(self.loader(epoch, step_in_epoch * self.accum))
                 for _ in range(step_in_epoch, self.steps_per_epoch):
-                    logs = self.train_step([next(batches) for _ in range(self.accum)])
+                    micro_batches = self.preemption.next_batches(batches, self.accum)
+                    if micro_batches is None:  # stopped while fetching: save the last finished step
+                        saved = self.save()
+                        progress.close()  # the stop line is the last one on the terminal
+                        self.preemption.finish(saved)
+                    logs = self.train_step(micro_batches)
                     self.step += 1
                     progress.update(1)
                     if logs is not None:
@@ -280,11 +287,10 @@ class Trainer:
                         or stop
                         or self.step == self.last_step
                     ):
-                        self.save()
+                        saved = self.save()
                     if stop:
-                        log.info("preemption signal: checkpoint written at step %d, exiting", self.step)
-                        self.preemption.finish()
-                        return
+                        progress.close()
+                        self.preemption.finish(saved)  # one line, exit 0 (130 after Ctrl-C)
                     if self.step == self.last_step:
                         break
                 end_of_epoch = self.step % self.steps_per_epoch == 0
