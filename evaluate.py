@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 from eomt import distributed
 from eomt.api import load_model
 from eomt.checkpointing import resolve_checkpoint
+from eomt.errors import user_errors
 from eomt.inference.writers import prediction_writer, write_png
-from eomt.run_setup import check_config, one_line_errors, resolve_device, write_run_info
+from eomt.run_setup import check_config, resolve_device, write_run_info
 from eomt.validation import METRICS_FILE, Validator
 
 log = logging.getLogger("eomt.evaluate")
@@ -54,7 +55,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        with one_line_errors():
+        with user_errors():
             evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
     finally:
         distributed.cleanup()

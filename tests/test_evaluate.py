@@ -11,6 +11,7 @@ import evaluate
 import train
 from eomt.config import compose
 from eomt.data.synthetic import generate
+from eomt.errors import CheckpointError
 from eomt.model import build_model
 from eomt.model.export_hf import export_hf
 
@@ -104,7 +105,7 @@ def test_authors_and_transformers_checkpoints_score_like_ours(tmp_path):
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint=.*nope.pt does not exist"):
+    with pytest.raises(CheckpointError, match="checkpoint=.*nope.pt does not exist"):
         run_evaluate(tmp_path, "experiment=demo", f"checkpoint={tmp_path / 'nope.pt'}")
 
 
