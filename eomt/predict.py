@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     cfg = compose(overrides)
     check_config(cfg)
     task = cfg.task.name
-    class_names = list(cfg.dataset.class_names)
+    class_names = list(cfg.dataset.class_names or (str(i) for i in range(cfg.dataset.num_classes)))
     thing_classes = set(cfg.dataset.thing_classes)
     images = find_images(args.input)
 

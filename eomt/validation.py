@@ -74,7 +74,8 @@ class Validator:
         benchmark: bool = False,
     ) -> dict[str, Any]:
         """Score `model`; with `benchmark`, also time its forward pass for metrics.json (fps, gflops)."""
-        overlays = OverlayCollector(self.task, self.cfg.dataset.class_names, self.cfg.eval.num_overlays)
+        names = self.cfg.dataset.class_names or getattr(self.dataset, "class_names", None)  # null: the data's
+        overlays = OverlayCollector(self.task, names, self.cfg.eval.num_overlays)
         masked = bool(self.cfg.eval.masked_attn or self.cfg.eval.per_block)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with masked_attention(model, masked):

@@ -58,7 +58,7 @@ def test_panoptic_outputs(checkpoint, images, tmp_path):
     run(checkpoint, images, tmp_path, "batch_size=2", "eval.predictor.panoptic.score_threshold=0.0")
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["a.png", "sub__b.png"]
     with Image.open(tmp_path / "overlays" / "sub__b.png") as overlay:
-        assert overlay.size == (40, 90) and overlay.mode == "RGB"
+        assert overlay.size == (40 * 7, 90 * 7) and overlay.mode == "RGB"  # enlarged: labels stay legible
     annotations = json.loads((tmp_path / "panoptic.json").read_text())["annotations"]
     assert sorted(a["file_name"] for a in annotations) == ["a.png", "sub__b.png"]
     for ann in annotations:
