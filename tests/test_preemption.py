@@ -410,6 +410,33 @@ def test_a_signal_to_the_process_group_with_workers_saves_and_resumes(tmp_path, 
     )
 
 
+@pytest.mark.slow
+def test_train_py_resumes_past_an_unreadable_newest_checkpoint_and_clears_interrupted_writes(tmp_path):
+    env = {**os.environ, "EOMT_CACHE": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    cmd = [*_train_cmd(run_dir, 2), "trainer.ckpt_every_steps=1"]
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=600).returncode == 0
+    folder = run_dir / "checkpoints"
+    (folder / "step_00000002.pt").write_bytes(bytes(1000))  # zero-filled
+    leftover = folder / ".step_00000003.pt.x1y2.tmp"  # a write killed half-way
+    leftover.write_bytes(b"partial")
+    done = subprocess.run(
+        [*_train_cmd(run_dir, 3), "trainer.ckpt_every_steps=1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    log_text = (run_dir / "train.log").read_text()
+    assert "step_00000002.pt is unreadable or not a PyTorch checkpoint" in log_text
+    assert f"resumed from {folder / 'step_00000001.pt'} at step 1" in log_text
+    assert (folder / "step_00000002.pt.corrupt").read_bytes() == bytes(1000)  # kept for a look
+    assert not leftover.exists()
+    assert torch.load(folder / "step_00000003.pt", weights_only=True)["step"] == 3
+
+
 def test_ctrl_c_twice_aborts_at_once(tmp_path):
     """The second Ctrl-C does not wait for the step boundary (here: a loop that never reaches one)."""
     code = (
