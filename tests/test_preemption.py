@@ -223,6 +223,15 @@ def _rank_loop(rank: int, port: int, out: str) -> None:
                 stopped_at[check_every] = (step, int(handler.reason))
                 break
         handler.uninstall()
+    # A stop that reaches rank 0 while it fetches: no rank runs the step (its collectives would hang).
+    handler = PreemptionHandler()
+    handler.install()
+    fetched = [handler.next_batches(iter(range(10)), 2)]
+    if rank == 0:
+        signal.raise_signal(signal.SIGTERM)
+    fetched.append(handler.next_batches(iter(range(10)), 2))
+    stopped_at["next_batches"] = [fetched, int(handler.reason)]
+    handler.uninstall()
     distributed.cleanup()
     Path(out, f"rank{rank}.json").write_text(json.dumps(stopped_at))
 
@@ -232,7 +241,11 @@ def test_all_ranks_stop_at_the_same_step_when_one_rank_gets_the_signal(tmp_path)
     mp.spawn(_rank_loop, args=(_free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1]
-    assert results[0] == {"1": [3, int(StopReason.REQUEUE)], "2": [4, int(StopReason.REQUEUE)]}
+    assert results[0] == {
+        "1": [3, int(StopReason.REQUEUE)],
+        "2": [4, int(StopReason.REQUEUE)],
+        "next_batches": [[[0, 1], None], int(StopReason.STOP)],
+    }
 
 
 # --- a real submitit job is requeued and resumes ------------------------------------------------
