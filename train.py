@@ -95,13 +95,13 @@ class TrainData:
             worker_init_fn=ignore_in_dataloader_worker,
         )
 
-    def batches(self, start_step: int) -> Iterator[list[Batch]]:
-        """The `accum` micro-batches of every step from `start_step` on, epoch after epoch."""
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        """The micro-batches of every step from `start_step` on (`accum` a step), epoch after epoch."""
         epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
         while True:
             loader = iter(self.loader(epoch, step_in_epoch * self.accum))
-            for _ in range(step_in_epoch, self.steps_per_epoch):
-                yield [next(loader) for _ in range(self.accum)]
+            for _ in range(step_in_epoch * self.accum, self.steps_per_epoch * self.accum):
+                yield next(loader)
             epoch, step_in_epoch = epoch + 1, 0
 
 
@@ -254,10 +254,11 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
 
 def resume(run: Run) -> tuple[int, Path | None]:
     """(step to start from, checkpoint restored into `run`): the run directory's newest, or (0, None)."""
-    path = run.checkpoints.latest() if run.cfg.trainer.resume != "never" else None
-    if path is None:
+    found = run.checkpoints.load_latest() if run.cfg.trainer.resume != "never" else None
+    if found is None:  # load_latest() skips (and renames) unreadable checkpoints with a warning
         return 0, None
-    state = restore_training_state(path, model=run.model, optimizer=run.optimizer, scaler=run.scaler)
+    path, state = found
+    state = restore_training_state(state, model=run.model, optimizer=run.optimizer, scaler=run.scaler)
     run.skipped_steps = state.get("skipped_steps", 0)
     return state["step"], path
 
@@ -458,7 +459,10 @@ def train(run: Run) -> None:
     skipped_files, record, validated_at = 0, {}, -1
     try:
         for step in range(start, run.last_step):
-            micro_batches = next(batches)
+            micro_batches = preemption.next_batches(batches, data.accum)
+            if micro_batches is None:  # a stop signal came first (or killed the loader's workers)
+                progress.close()
+                preemption.finish(save(run, step))
             skipped_files += sum(count_skipped(targets) for _, targets in micro_batches)
             run.lr_at(step)
             if run.annealing is not None:
@@ -471,9 +475,8 @@ def train(run: Run) -> None:
             if done % cfg.trainer.ckpt_every_steps == 0 or done == run.last_step or stop:
                 path = save(run, done)
             if stop:
-                log.info("preemption signal: checkpoint written at step %d, exiting", done)
+                progress.close()  # the stop line stays the last line on stderr
                 preemption.finish(path)
-                return
             epoch, step_in_epoch = divmod(done, data.steps_per_epoch)
             if step_in_epoch == 0:  # an epoch ended
                 report_skipped_files(run, skipped_files, epoch - 1, done, writer)

@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from eomt.config import compose
+from eomt.errors import user_errors
 from eomt.model import build_model
 from eomt.profiling import count_params, gflops_per_image, images_per_second
 
@@ -81,4 +82,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eomt.errors import user_errors
 from eomt.inference import SemanticPredictor
 from eomt.inference.postprocess import panoptic_keep, panoptic_segments, thing_mask
 from eomt.inference.resize import Letterbox, fit_inside, unletterbox
@@ -151,4 +152,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -12,6 +12,7 @@ import torch
 
 from eomt.config import compose
 from eomt.device import AMP_DTYPES
+from eomt.errors import user_errors
 from eomt.model import build_model
 from eomt.profiling import count_params, gflops_per_image, images_per_second
 
@@ -61,4 +62,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

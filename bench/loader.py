@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from eomt.data import CocoPanoptic, TrainTransform, collate_train
 from eomt.data.synthetic import ensure_generated
+from eomt.errors import user_errors
 
 
 def throughput(dataset: CocoPanoptic, workers: int, batch_size: int) -> float:
@@ -79,4 +80,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 from eomt.config import compose
 from eomt.device import AMP_DTYPES
+from eomt.errors import user_errors
 from eomt.model import build_model
 from eomt.training import param_groups
 
@@ -97,4 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

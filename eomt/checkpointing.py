@@ -8,6 +8,7 @@ safe to resume from, even after a hard kill.
 from __future__ import annotations
 
 import ast
+import logging
 import random
 import re
 from pathlib import Path
@@ -19,7 +20,10 @@ from torch import nn
 
 from eomt import distributed
 from eomt.atomic import atomic_open
-from eomt.errors import CheckpointError
+from eomt.errors import CheckpointError, ConfigError
+from eomt.model.weight_formats import load_weights_only
+
+log = logging.getLogger(__name__)
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -51,13 +55,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Writes `step_N.pt` files into `folder`, keeps the newest `keep_last`, finds the latest."""
+    """Writes `step_N.pt` files into `folder`, keeps the newest `keep_last`, finds the latest.
 
-    def __init__(self, folder: str | Path, keep_last: int = 2):
+    On start it removes the temp files of writes that a kill interrupted (each as large as a
+    checkpoint). On resume an unreadable newest checkpoint is renamed to `*.corrupt` (kept for a
+    look, never deleted) and the previous one is used.
+    """
+
+    def __init__(self, folder: str | Path, keep_last: int = 2, clean_up: bool = True):
+        """`clean_up=False` for readers (evaluate.py on a run that may be writing right now)."""
         if keep_last < 1:
-            raise ValueError(f"trainer.keep_last must be >= 1, got {keep_last}")
+            raise ConfigError(f"trainer.keep_last must be >= 1, got {keep_last}")
         self.folder = Path(folder)
         self.keep_last = keep_last
+        if clean_up:
+            self._remove_interrupted_writes()
+
+    @staticmethod
+    def file_name(step: int) -> str:
+        return f"step_{step:08d}.pt"
+
+    def _remove_interrupted_writes(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for tmp in self.folder.glob(".step_*.pt.*.tmp"):  # eomt.atomic's temp names
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted checkpoint write", tmp)
 
     def checkpoints(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -70,7 +93,7 @@ class CheckpointManager:
         return files[-1] if files else None
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        path = self.folder / f"step_{step:08d}.pt"
+        path = self.folder / self.file_name(step)
         atomic_save(state, path)
         for old in self.checkpoints()[: -self.keep_last]:
             old.unlink(missing_ok=True)
@@ -78,26 +101,54 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: str | Path) -> dict[str, Any]:
+        """One checkpoint; CheckpointError naming the file when it cannot be read."""
+        return load_weights_only(path)
+
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint and its contents, or None when there is none yet.
+
+        Unreadable ones (truncated, garbage, zero-filled, empty) are renamed to `*.corrupt` with a
+        warning naming them; CheckpointError when checkpoints exist but none can be read.
+        """
+        found = self.checkpoints()
+        for path in reversed(found):
+            try:
+                return path, self.load(path)
+            except CheckpointError as error:
+                corrupt = _set_aside(path)
+                log.warning("%s; renamed it to %s and trying the previous checkpoint", error, corrupt.name)
+        if found:
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoints in {self.folder} can be read (renamed to *.corrupt); "
+                "set trainer.resume=never to start again, or name=... for a new run directory"
+            )
+        return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename `path` to `path.corrupt` (`.corrupt1`, ... when taken); another rank may have done it."""
+    for n in range(100):
+        target = path.with_name(f"{path.name}.corrupt{n or ''}")
+        if target.exists():
+            continue
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which and what to do
-            reason = (str(e).splitlines() or [""])[0][:200]
-            raise RuntimeError(
-                f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); delete it to resume from the "
-                "previous one, or set trainer.resume=never"
-            ) from e
+            path.rename(target)
+        except FileNotFoundError:  # another rank renamed it first
+            pass
+        return target
+    raise CheckpointError(f"cannot set {path} aside: 100 *.corrupt files already exist next to it")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint."""
     path = Path(path)
     if (path / "checkpoints").is_dir():  # a training run directory
-        latest = CheckpointManager(path / "checkpoints").latest()
+        latest = CheckpointManager(path / "checkpoints", clean_up=False).latest()
         if latest is None:
             raise CheckpointError(f"run directory {path} has no checkpoint yet; train it first")
         return latest
     if not path.exists():
-        raise CheckpointError(f"checkpoint={path} does not exist")
+        raise CheckpointError(f"checkpoint={path} does not exist; fix the path")
     return path
 
 
@@ -133,17 +184,17 @@ def save_training_state(
 
 
 def restore_training_state(
-    path: str | Path,
+    state: dict[str, Any],
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
 ) -> dict[str, Any]:
-    """Load what `save_training_state` wrote into the given objects and this rank's RNG streams.
+    """Put a state that `save_training_state` wrote (as `CheckpointManager.load*` returns it) into the
+    given objects and this rank's RNG streams.
 
     Returns the checkpoint's plain entries (step and counters) for the loop to continue from.
     """
-    state = CheckpointManager.load(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

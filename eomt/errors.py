@@ -20,7 +20,7 @@ class ConfigError(UserError, ValueError):
     """A configuration value or combination that cannot work (checked before anything heavy)."""
 
 
-class DataError(UserError):
+class DataError(UserError, ValueError):
     """A dataset file that is missing, truncated or holds something unusable."""
 
 
@@ -30,9 +30,24 @@ class CheckpointError(UserError, ValueError):
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Wrap an entry point's work: a UserError (or a missing file) ends it with one line, exit 1."""
+    """Wrap an entry point's work: a UserError (or a missing file) ends it with one line, exit 1.
+
+    Also when Hydra's `instantiate` wrapped it (a dataset or model constructor raised it).
+    """
     try:
         yield
-    except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except Exception as e:
+        cause = user_error_in(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def user_error_in(error: BaseException) -> BaseException | None:
+    """`error` itself if a user fixes it, or such a cause under Hydra's InstantiationException."""
+    if isinstance(error, (UserError, FileNotFoundError)):
+        return error
+    if type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
+        return user_error_in(error.__cause__)
+    return None

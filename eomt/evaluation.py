@@ -176,7 +176,7 @@ class Evaluation:
         evaluator: Evaluator,
         task: str,
         dataset_name: str,
-        class_names: Sequence[str],
+        class_names: Sequence[str] | None,
         device: torch.device,
         batch_size: int = 2,
         num_workers: int = 0,
@@ -236,7 +236,8 @@ class Evaluation:
         benchmark: bool = False,
     ) -> EvaluationResult:
         """Score `model`; with `benchmark`, also time its forward pass for metrics.json (fps, gflops)."""
-        overlays = OverlayCollector(self.task, self.class_names, self.num_overlays)
+        names = self.class_names or getattr(self.dataset, "class_names", None)  # null: the data's own
+        overlays = OverlayCollector(self.task, names, self.num_overlays)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with masked_attention(model, self.masked):
                 metrics = evaluate(

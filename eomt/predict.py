@@ -16,6 +16,7 @@ Written to `output`:
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from eomt.atomic import write_json
 from eomt.checkpointing import resolve_checkpoint
 from eomt.config import check_config, compose
 from eomt.device import resolve_device
+from eomt.errors import ConfigError, DataError, user_errors
 from eomt.evaluation import build_predictor
 from eomt.inference.writers import (
     CocoInstanceWriter,
@@ -39,6 +41,8 @@ from eomt.inference.writers import (
     write_png,
 )
 from eomt.visualize import overlay_prediction
+
+log = logging.getLogger("eomt.predict")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 USAGE = (
@@ -62,17 +66,17 @@ def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise SystemExit(f"error: argument {arg!r} is not key=value\n{USAGE}")
+            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
         if key in PredictArgs.__dataclass_fields__:
             own[key] = value
         else:
             overrides.append(arg)
     missing = [k for k in ("checkpoint", "input", "output") if k not in own]
     if missing:
-        raise SystemExit(f"error: missing {', '.join(f'{k}=...' for k in missing)}\n{USAGE}")
+        raise ConfigError(f"missing {', '.join(f'{k}=...' for k in missing)}; {USAGE}")
     batch_size = own.get("batch_size", "1")
     if not batch_size.isdigit() or int(batch_size) < 1:
-        raise SystemExit(f"error: batch_size={batch_size} must be a positive integer")
+        raise ConfigError(f"batch_size={batch_size} must be a positive integer")
     args = PredictArgs(
         checkpoint=Path(own["checkpoint"]),
         input=Path(own["input"]),
@@ -88,10 +92,10 @@ def find_images(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise SystemExit(f"error: input={path} does not exist; pass an image file or a folder of images")
+        raise DataError(f"input={path} does not exist; pass an image file or a folder of images")
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
     return images
 
 
@@ -112,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     cfg = compose(overrides)
     check_config(cfg)
     task = cfg.task.name
-    class_names = list(cfg.dataset.class_names)
+    class_names = list(cfg.dataset.class_names or (str(i) for i in range(cfg.dataset.num_classes)))
     thing_classes = set(cfg.dataset.thing_classes)
     images = find_images(args.input)
 
@@ -135,12 +139,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
         [{"id": i, "name": n, "isthing": i in thing_classes} for i, n in enumerate(class_names)],
     )
 
+    skipped = []
     for start in tqdm(range(0, len(images), args.batch_size), desc="predict", unit="batch"):
         paths = images[start : start + args.batch_size]
         samples = []
         for path in paths:
+            try:
+                image = load_image(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                skipped.append(path)
+                continue
             name = output_name(path, args.input)
-            samples.append({"image": load_image(path), "image_id": name, "file_name": name})
+            samples.append({"image": image, "image_id": name, "file_name": name})
+        if not samples:
+            continue
         predictions = predictor(model, [s["image"] for s in samples])
         writer(predictions, samples)
         for prediction, sample in zip(predictions, samples, strict=True):
@@ -150,9 +163,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 overlay.transpose(1, 2, 0),
             )
     writer.close()
-    print(f"wrote {len(images)} predictions ({task}) to {args.output}")
+    done = len(images) - len(skipped)
+    note = f"; skipped {len(skipped)} unreadable (see the warnings naming them)" if skipped else ""
+    print(f"wrote {done} predictions ({task}) to {args.output}{note}")
     return args.output
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -10,7 +10,16 @@ Signals:
 - SIGUSR1 / SIGUSR2: the time limit is near (`#SBATCH --signal=USR2@300`, submitit's
   `signal_delay_s`) or the cluster announces preemption: save and requeue.
 - SIGTERM: `scancel`, or preemption by a cluster that requeues jobs itself: save and stop, never
-  requeue (a cancelled job must stay cancelled).
+  requeue (a cancelled job must stay cancelled). Exit code 0.
+- SIGINT (Ctrl-C): the first saves at the next step boundary and exits with 130; a second one
+  aborts at once (KeyboardInterrupt) without a checkpoint.
+
+SIGTERM and SIGINT usually reach the whole process group, DataLoader workers included. Workers
+ignore SIGINT (and SIGUSR1/2) and keep serving; SIGTERM ends them as PyTorch sets it up (ignoring it
+would make the shutdown of the loader hang). Once a stop is requested the main process no longer
+lets PyTorch turn a worker's death into an exception at an arbitrary point (its SIGCHLD handler), and
+`next_batches()` fetches nothing more once a stop is pending and turns "a worker died" into "stop
+here", so the checkpoint holds exactly the state of the last finished step.
 
 Requeue paths, chosen in `finish()` on global rank 0:
 - inside a submitit job (the Hydra submitit launcher): submitit's own USR2 handler, which this class
@@ -28,8 +37,10 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -45,21 +56,25 @@ class StopReason(enum.IntEnum):
     """Why training stops early. Ranks agree on the largest reason any of them saw."""
 
     NONE = 0
-    STOP = 1  # SIGTERM: save and exit
-    REQUEUE = 2  # SIGUSR1/SIGUSR2: save, requeue, exit
+    INTERRUPT = 1  # SIGINT (Ctrl-C): save and exit with 130
+    STOP = 2  # SIGTERM: save and exit
+    REQUEUE = 3  # SIGUSR1/SIGUSR2: save, requeue, exit
 
 
 _REASONS = {
+    signal.SIGINT: StopReason.INTERRUPT,
     signal.SIGUSR1: StopReason.REQUEUE,
     signal.SIGUSR2: StopReason.REQUEUE,
     signal.SIGTERM: StopReason.STOP,
 }
+EXIT_CODES = {StopReason.INTERRUPT: 130, StopReason.STOP: 0, StopReason.REQUEUE: 0}
+_WORKER_DIED = "DataLoader worker"  # how PyTorch's errors about dead workers begin
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class PreemptionHandler:
-    """Turns SIGUSR1/SIGUSR2/SIGTERM into a stop at the next step boundary, then a requeue.
+    """Turns SIGUSR1/SIGUSR2/SIGTERM/SIGINT into a stop at the next step boundary, then a requeue.
 
     Use from the training loop (every rank):
 
@@ -67,11 +82,12 @@ class PreemptionHandler:
         handler.install()
         try:
             for step in ...:
-                train_step()
-                if handler.should_stop():
-                    save_checkpoint()          # all ranks done saving before finish()
-                    handler.finish()
-                    return                     # exit code 0
+                batch = handler.next_batches(batches, accum)   # None: stop before this step
+                if batch is not None:
+                    train_step(batch)
+                if batch is None or handler.should_stop():
+                    path = save_checkpoint()   # all ranks done saving before finish()
+                    handler.finish(path)       # one line, then SystemExit(0 or 130)
         finally:
             handler.uninstall()
 
@@ -88,10 +104,12 @@ class PreemptionHandler:
         self._agreed = StopReason.NONE
         self._calls = 0
         self._previous: dict[int, Handler] = {}
+        self._interrupted = False
+        self._sigchld: Handler = None  # PyTorch's handler, set aside once a stop is requested
 
     # --- signals ------------------------------------------------------------------------------
     def install(self) -> None:
-        """Take over SIGUSR1, SIGUSR2 and SIGTERM, keeping the previous handlers (submitit's) for later."""
+        """Take over SIGINT, SIGUSR1, SIGUSR2 and SIGTERM, keeping the previous handlers (submitit's)."""
         if threading.current_thread() is not threading.main_thread():
             log.warning("preemption signals are not handled: Python only delivers signals to the main thread")
             return
@@ -104,19 +122,80 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+        if self._sigchld is not None:
+            signal.signal(signal.SIGCHLD, self._sigchld)
+            self._sigchld = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only record: the loop acts at the next step boundary. No logging here (not signal-safe).
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                raise KeyboardInterrupt  # the second Ctrl-C: abort at once
+            self._interrupted = True
         reason = _REASONS.get(signal.Signals(signum), StopReason.STOP)
         if reason > self._received:
             self._received = reason
             self._received_signal = signum
+        self._quiet_worker_deaths()
+
+    def _quiet_worker_deaths(self) -> None:
+        """The workers may be dying from the same signal: their death must not raise mid-step.
+
+        PyTorch's SIGCHLD handler raises in the main thread wherever it happens to be; the loop's
+        `next_batches()` notices dead workers by itself. Python runs pending handlers in signal
+        number order, so this runs before a SIGCHLD sent by a worker that died of SIGINT/SIGTERM.
+        """
+        if self._sigchld is None and hasattr(signal, "SIGCHLD"):
+            current = signal.getsignal(signal.SIGCHLD)
+            if callable(current):
+                self._sigchld = current
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    @property
+    def stop_requested(self) -> bool:
+        """A signal reached this process (the ranks may not agree yet: use `should_stop()` for that)."""
+        return bool(self._received)
 
     # --- the loop's side ----------------------------------------------------------------------
     @property
     def reason(self) -> StopReason:
         """The reason all ranks agreed on (NONE until `should_stop()` returned True)."""
         return self._agreed
+
+    def next_batches(self, batches: Iterator, count: int) -> list | None:
+        """The next `count` batches for one step, or None on every rank when the step must not run.
+
+        None when a stop is pending on any rank before its batches are fetched, or when the
+        loader's workers died because of the stop signal: the caller saves the state it holds (the
+        last finished step) and calls `finish()`. A worker death without a stop request is an error.
+        With several ranks this takes one collective per call, so all ranks run the step or none.
+        """
+        taken: list | None = []
+        for _ in range(count):
+            if self._received:
+                taken = None
+                break
+            try:
+                taken.append(next(batches))
+            except RuntimeError as e:
+                if not (self._received and str(e).startswith(_WORKER_DIED)):
+                    raise
+                taken = None
+                break
+        if distributed.world_size() > 1:
+            failed = float(self._received) if taken is None else 0.0
+            agreed = StopReason(int(distributed.all_reduce_max(failed)))
+            if agreed:
+                self._agree(agreed)
+                return None
+        elif taken is None:
+            self._agree(self._received)
+        return taken
+
+    def _agree(self, agreed: StopReason) -> None:
+        self._agreed = agreed
+        got = signal.Signals(self._received_signal).name if self._received_signal else "another rank's signal"
+        log.warning("stopping at the next checkpoint (%s, %s)", got, agreed.name.lower())
 
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal; call it at each step boundary on every rank."""
@@ -127,33 +206,40 @@ class PreemptionHandler:
             return False
         agreed = StopReason(int(distributed.all_reduce_max(float(self._received))))
         if agreed:
-            self._agreed = agreed
+            self._agree(agreed)
+        return bool(agreed)
+
+    def finish(self, checkpoint: str | Path | None = None) -> None:
+        """After the checkpoint is written: requeue where that applies (see module doc), then exit.
+
+        Rank 0 prints one line naming the checkpoint; every rank then raises `SystemExit` with 0
+        (SIGTERM, SIGUSR1/2) or 130 (Ctrl-C). Inside a submitit job a requeue goes through
+        submitit's own handler, which raises `SystemExit` itself, so that no rank leaves a "finished"
+        result behind that would tell the launching process the interrupted run is done. Clean up in
+        `finally` blocks. Does nothing when no stop was agreed.
+        """
+        if not self._agreed:
+            return
+        main = distributed.is_main()
+        if main:
             got = (
                 signal.Signals(self._received_signal).name
                 if self._received_signal
                 else "another rank's signal"
             )
-            log.warning("stopping at the next checkpoint (%s, %s)", got, agreed.name.lower())
-        return bool(agreed)
-
-    def finish(self, checkpoint_path: str | os.PathLike | None = None) -> None:
-        """After the checkpoint (at `checkpoint_path`) is written: ask for a requeue where that applies.
-
-        Returns normally outside submitit, so the caller exits with code 0. Inside a submitit job it
-        ends the process the way submitit does on its own signal (`SystemExit`): submitit's handler
-        requeues from rank 0, and no rank leaves a "finished" result behind that would tell the
-        launching process the interrupted run is done. Clean up in `finally` blocks.
-        """
-        if not self._agreed:
-            return
-        main = distributed.is_main()
+            saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written"
+            print(
+                f"stopped by {got}: {saved}; run the same command again to resume from it",
+                file=sys.stderr,
+                flush=True,
+            )
         if os.environ.get("SUBMITIT_EXECUTOR"):
             if main and self._agreed == StopReason.REQUEUE:
                 log.info("handing over to submitit to requeue the job")
                 self._submitit_handler()(_submitit_signal(), None)  # requeues, then raises SystemExit
-            raise SystemExit(0)
-        if main and self._agreed == StopReason.REQUEUE and os.environ.get(REQUEUE_ENV) == "1":
+        elif main and self._agreed == StopReason.REQUEUE and os.environ.get(REQUEUE_ENV) == "1":
             _scontrol_requeue()
+        raise SystemExit(EXIT_CODES[self._agreed])
 
     def _submitit_handler(self) -> Callable[[int, FrameType | None], Any]:
         sig = _submitit_signal()
@@ -167,13 +253,14 @@ class PreemptionHandler:
 
 
 def ignore_in_dataloader_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers ignore SIGUSR1/SIGUSR2, which SLURM also sends them.
+    """DataLoader `worker_init_fn`: workers ignore SIGINT/SIGUSR1/SIGUSR2, which also reach them.
 
-    With the fork start method workers inherit the training process's handlers, but with spawn or
-    forkserver (Python 3.14's default) the default action would kill them and fail the step that
-    should have been saved. (SIGTERM stays as PyTorch sets it in workers.)
+    With the fork start method workers inherit the training process's handlers (which must not run
+    in a worker), with spawn or forkserver (Python 3.14's default) the default action would kill
+    them; either way the step that should be saved would fail. SIGTERM stays as PyTorch sets it
+    in workers: the loader's shutdown relies on it, and `next_batches()` copes with their death.
     """
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from eomt.errors import DataError, user_errors
+
 METRICS_FILE = "metrics.json"
 BENCHMARK_FILE = "benchmark.json"  # optional, from a speed benchmark: {"fps": .., "gflops": .., "params": ..}
 PRIMARY_METRIC = {"panoptic": "PQ", "semantic": "mIoU", "instance": "AP"}
@@ -73,9 +75,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise SystemExit(f"error: {path} is not valid JSON ({err}); re-run what wrote it") from err
+        raise DataError(f"{path} is not valid JSON ({err}); re-run what wrote it") from err
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} holds {type(data).__name__}, expected a JSON object")
+        raise DataError(f"{path} holds {type(data).__name__}, expected a JSON object")
     return data
 
 
@@ -107,7 +109,7 @@ def find_runs(sweep_dir: str | Path) -> list[RunResult]:
     """Every run under `sweep_dir` that wrote a metrics.json, in job-number order."""
     root = Path(sweep_dir)
     if not root.is_dir():
-        raise SystemExit(f"error: sweep directory {root} does not exist; pass e.g. outputs/multirun/<sweep>")
+        raise DataError(f"sweep directory {root} does not exist; pass e.g. outputs/multirun/<sweep>")
     runs = []
     for path in root.rglob(METRICS_FILE):
         relative = path.parent.relative_to(root)
@@ -250,9 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs = find_runs(args.sweep_dir)
     if not runs:
-        raise SystemExit(
-            f"error: no {METRICS_FILE} under {args.sweep_dir}; runs write it when they are evaluated"
-        )
+        raise DataError(f"no {METRICS_FILE} under {args.sweep_dir}; runs write it when they are evaluated")
     columns = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     print(markdown_table(runs, columns))
     if not args.no_plot:
@@ -267,4 +267,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors():
+        sys.exit(main())

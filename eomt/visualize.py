@@ -16,7 +16,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-MIN_LABELLED_PIXELS = 64  # segments smaller than this get no text
+MIN_LABELLED_PIXELS = 64  # segments smaller than this (at the drawn size) get no text
+MIN_SIDE = 256  # smaller images are enlarged (whole pixel multiples) so that labels stay legible
 
 
 def class_colors(num_classes: int) -> np.ndarray:
@@ -52,8 +53,14 @@ def paint(
     alpha: float = 0.55,
 ) -> np.ndarray:
     """Blend (mask (H,W) bool, colour (3,) uint8, text) regions over a uint8 (3,H,W) image, draw
-    their outlines, and write each text at its region."""
-    canvas = _numpy(image).astype(np.float32).transpose(1, 2, 0).copy()
+    their outlines, and write each text at its region. An image with a side under `MIN_SIDE` is
+    drawn enlarged by a whole factor (pixels repeated), so the text does not cover it."""
+    image = _numpy(image)
+    factor = upscale_factor(*image.shape[-2:])
+    if factor > 1:
+        image = _enlarge(image, factor)
+        regions = [(_enlarge(mask, factor), color, text) for mask, color, text in regions]
+    canvas = image.astype(np.float32).transpose(1, 2, 0).copy()
     outline = np.zeros(canvas.shape[:2], dtype=bool)
     for mask, color, _ in regions:
         canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color.astype(np.float32)
@@ -71,6 +78,15 @@ def paint(
             draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
             draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
     return np.asarray(result).transpose(2, 0, 1).copy()
+
+
+def upscale_factor(height: int, width: int) -> int:
+    """The whole factor by which an overlay of this size is drawn (1 when its shorter side >= MIN_SIDE)."""
+    return max(1, -(-MIN_SIDE // max(1, min(height, width))))
+
+
+def _enlarge(array: np.ndarray, factor: int) -> np.ndarray:
+    return array.repeat(factor, axis=-2).repeat(factor, axis=-1)
 
 
 def _name(class_names: Sequence[str], label: int) -> str:
@@ -176,18 +192,31 @@ def overlay_prediction(
     predicted, truth = PAIR_PAINTERS[task](image, prediction, sample or {}, class_names)
     if truth is None:
         return predicted
-    gap = np.full((3, predicted.shape[1], 4), 255, dtype=np.uint8)
-    return np.concatenate([predicted, gap, truth], axis=2)
+    gap = np.full((3, predicted.shape[1] + TITLE_HEIGHT, 4), 255, dtype=np.uint8)
+    return np.concatenate([_titled(predicted, "prediction"), gap, _titled(truth, "ground truth")], axis=2)
+
+
+TITLE_HEIGHT = 16
+
+
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """The panel under a white band naming it."""
+    band = Image.new("RGB", (panel.shape[2], TITLE_HEIGHT), (255, 255, 255))
+    ImageDraw.Draw(band).text(
+        (4, TITLE_HEIGHT // 2), title, fill=(0, 0, 0), font=ImageFont.load_default(), anchor="lm"
+    )
+    return np.concatenate([np.asarray(band).transpose(2, 0, 1), panel], axis=1)
 
 
 class OverlayCollector:
     """Evaluation callback keeping [prediction | ground truth] overlays of this rank's first images."""
 
-    def __init__(self, task: str, class_names: Sequence[str], max_images: int = 4):
+    def __init__(self, task: str, class_names: Sequence[str] | None, max_images: int = 4):
+        """`class_names=None`: label the regions with class ids."""
         if task not in PAIR_PAINTERS:
             raise ValueError(f"task={task} has no overlay painter; use one of {'|'.join(PAIR_PAINTERS)}")
         self.task = task
-        self.class_names = list(class_names)
+        self.class_names = list(class_names or [])
         self.max_images = max_images
         self.overlays: list[tuple[Any, np.ndarray]] = []  # (image_id, uint8 (3,H,W))
 

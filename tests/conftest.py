@@ -67,3 +67,11 @@ def authors_release_state(model: EoMT) -> dict[str, torch.Tensor]:
 def offline(monkeypatch):
     """Nothing in the tests may download: a stray hub request fails at once instead of retrying."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def logged(run_dir, tag: str = "train/loss") -> dict[int, float]:
+    """step -> value of a TensorBoard scalar the run wrote (a resumed run's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}

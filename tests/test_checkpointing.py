@@ -1,3 +1,4 @@
+import logging
 import random
 
 import numpy as np
@@ -12,6 +13,7 @@ from eomt.checkpointing import (
     save_training_state,
     set_rng_state,
 )
+from eomt.errors import CheckpointError
 
 
 def test_keeps_last_k_and_finds_latest(tmp_path):
@@ -36,11 +38,62 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_corrupt_checkpoint_names_file_and_fix(tmp_path):
+def test_corrupt_checkpoint_names_file(tmp_path):
     bad = tmp_path / "step_00000003.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match=r"step_00000003\.pt.*trainer\.resume=never"):
+    with pytest.raises(CheckpointError, match=r"step_00000003\.pt is unreadable or not a PyTorch checkpoint"):
         CheckpointManager.load(bad)
+
+
+def test_start_removes_temp_files_of_interrupted_writes(tmp_path):
+    folder = tmp_path / "ckpt"
+    CheckpointManager(folder).save({"step": 1}, 1)
+    leftover = folder / ".step_00000002.pt.abc123.tmp"  # eomt.atomic's name for a write in progress
+    leftover.write_bytes(b"half a checkpoint")
+    other = folder / "notes.tmp"
+    other.write_text("not ours")
+    CheckpointManager(folder, clean_up=False)
+    assert leftover.exists()  # a reader (evaluate.py) leaves a live run's writes alone
+    CheckpointManager(folder)
+    assert not leftover.exists() and other.exists()
+    assert [p.name for p in CheckpointManager(folder).checkpoints()] == ["step_00000001.pt"]
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    damaged = {
+        "truncated": data[: len(data) // 2],
+        "garbage": bytes(random.Random(0).randrange(256) for _ in range(len(data))),
+        "zero-filled": bytes(len(data)),
+        "empty": b"",
+    }[how]
+    path.write_bytes(damaged)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "zero-filled", "empty"])
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, how, caplog):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        manager.save({"step": step}, step)
+    _damage(tmp_path / "step_00000003.pt", how)
+    with caplog.at_level(logging.WARNING, logger="eomt.checkpointing"):
+        path, state = manager.load_latest()
+    assert path.name == "step_00000002.pt" and state["step"] == 2
+    assert "step_00000003.pt is unreadable" in caplog.text and "step_00000003.pt.corrupt" in caplog.text
+    assert (tmp_path / "step_00000003.pt.corrupt").exists()  # set aside, never deleted
+    assert [p.name for p in manager.checkpoints()] == ["step_00000001.pt", "step_00000002.pt"]
+
+
+def test_resume_with_no_readable_checkpoint_is_one_line(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    assert manager.load_latest() is None  # a fresh run
+    (tmp_path / "step_00000004.pt").write_bytes(b"")
+    with pytest.raises(
+        CheckpointError, match=r"^none of the 1 checkpoints in .* trainer\.resume=never"
+    ) as error:
+        manager.load_latest()
+    assert "\n" not in str(error.value)
+    assert (tmp_path / "step_00000004.pt.corrupt").exists()
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):
@@ -83,7 +136,7 @@ def test_training_state_round_trips_with_the_rng_streams(tmp_path):
     expected_draw = torch.rand(3)
 
     fresh_model, fresh_optimizer, fresh_scaler = parts(1)
-    state = restore_training_state(path, model=fresh_model, optimizer=fresh_optimizer, scaler=fresh_scaler)
+    state = restore_training_state(CheckpointManager.load(path), model=fresh_model, optimizer=fresh_optimizer, scaler=fresh_scaler)
     assert state == {"step": 7, "skipped": 2}
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the saved run was
     for key, value in model.state_dict().items():

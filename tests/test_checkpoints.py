@@ -234,13 +234,22 @@ def test_mismatched_checkpoint_lists_every_problem_in_one_error(make_tiny_eomt, 
         load_checkpoint(make_tiny_eomt("dinov3"), hf_dir)
 
 
+class _NotATensor:
+    pass
+
+
 def test_unrecognised_file_is_refused(make_tiny_eomt, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"encoder.weight": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="unrecognised checkpoint"):
         load_checkpoint(make_tiny_eomt(), path)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="weights.pt is unreadable or not a PyTorch checkpoint"):
+        load_checkpoint(make_tiny_eomt(), path)
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": _NotATensor()}, path)
+    with pytest.raises(
+        CheckpointError, match=r"contains Python objects that weights-only loading refuses \(.*_NotATensor\)"
+    ):
         load_checkpoint(make_tiny_eomt(), path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(make_tiny_eomt(), tmp_path / "missing.bin")

@@ -99,3 +99,15 @@ def test_the_users_command_without_data_says_which_file_to_get(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ADE20K: expected") and "ADEChallengeData2016.zip" in last
     assert "Traceback" not in result.stderr
+
+
+def test_worker_counts_default_to_what_the_machine_has(monkeypatch):
+    from eomt import config
+
+    monkeypatch.setattr(config, "usable_cpus", lambda: 2)
+    cfg = config.compose(["experiment=demo", "trainer.num_workers=${workers:8}"])
+    assert cfg.trainer.num_workers == 1 and config.worker_count(4) == 1  # 2 CPUs: 1 worker + the main process
+    monkeypatch.setattr(config, "usable_cpus", lambda: 64)
+    assert config.compose([]).trainer.num_workers == 8 and config.compose([]).eval.num_workers == 4
+    monkeypatch.setattr(config, "usable_cpus", lambda: 1)
+    assert config.worker_count(8) == 0

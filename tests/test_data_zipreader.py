@@ -9,6 +9,7 @@ import pytest
 
 from eomt.data.records import PackedRecords
 from eomt.data.zipreader import FolderReader, ZipReader, open_store, require_file
+from eomt.errors import DataError
 
 FILES = {f"inner/{i:03d}.bin": bytes([i]) * (100 + i) for i in range(20)}
 
@@ -105,3 +106,12 @@ def test_packed_records_round_trip():
     assert packed[-1] == records[-1]
     with pytest.raises(IndexError):
         packed[50]
+
+
+def test_a_truncated_zip_is_a_one_line_data_error_naming_it(tmp_path):
+    path = tmp_path / "images.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a.txt", "x" * 1000)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(DataError, match=r"images\.zip is not a readable zip archive .*download it again"):
+        ZipReader(path).names()

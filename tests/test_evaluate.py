@@ -115,3 +115,19 @@ def test_overlays_are_viewable_pngs(tmp_path):
     overlay = next((tmp_path / "out" / "overlays").glob("*.png"))
     with Image.open(overlay) as image:
         assert image.mode == "RGB" and image.width > 64
+
+
+def test_class_names_from_the_data_json(tmp_path):
+    """`dataset.panoptic.class_names=null`: the names come from the annotations, as for one's own data."""
+    ckpt = save_ours(tiny_model("dataset=synthetic", "dataset.crop_size=[64,64]"), tmp_path / "m.pt")
+    for overlays in (0, 1):
+        out = tmp_path / f"out{overlays}"
+        _, record = run_evaluate(
+            out,
+            "experiment=demo",
+            f"checkpoint={ckpt}",
+            "dataset.panoptic.class_names=null",
+            f"eval.num_overlays={overlays}",
+        )
+        assert "PQ" in record["metrics"]
+        assert len(list((out / "overlays").glob("*.png")) if overlays else []) == overlays

@@ -27,7 +27,7 @@ from eomt.metrics import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 from eomt.metrics.instance import coco_mask_ap
 from eomt.metrics.panoptic import id_to_rgb
 from eomt.metrics.table import format_table, scalar_metrics
-from eomt.visualize import OverlayCollector
+from eomt.visualize import TITLE_HEIGHT, OverlayCollector, upscale_factor
 
 NAMES = ["red", "green", "blue"]  # classes 0, 1 things; 2 stuff
 CATEGORY_IDS = [11, 22, 33]
@@ -156,7 +156,8 @@ def test_evaluate_pq_equals_pq_compute_on_the_written_predictions(tmp_path):
     assert [image_id for image_id, _ in overlays.overlays] == [100, 101]
     overlay = overlays.overlays[0][1]
     h, w = samples[0]["orig_size"]
-    assert overlay.dtype == np.uint8 and overlay.shape == (3, h, 2 * w + 4)  # prediction | gap | truth
+    f = upscale_factor(h, w)  # small images are drawn enlarged, under a title band per panel
+    assert overlay.dtype == np.uint8 and overlay.shape == (3, TITLE_HEIGHT + f * h, 2 * f * w + 4)
 
     table = format_table(metrics)
     assert "PQ" in table and "Things" in table and f"{100 * metrics['All']['pq']:5.1f}" in table

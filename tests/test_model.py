@@ -179,3 +179,24 @@ def test_dinov3_rope_augmentation_acts_in_training_only(make_tiny_eomt):
         first, second = model.train()(images)[0][-1], model(images)[0][-1]
         assert (first - second).abs().max() > 1e-4
         torch.testing.assert_close(model.eval()(images)[0][-1], model(images)[0][-1], rtol=0, atol=0)
+
+
+def test_gradients_have_the_layout_of_their_parameters_so_ddp_does_not_warn(make_tiny_eomt, tmp_path):
+    """DDP's "grad strides do not match bucket view strides": the depthwise conv's weight gradient."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_tiny_eomt()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mask_logits, class_logits = ddp(torch.rand(2, 3, 64, 64))
+            (mask_logits[-1].sum() + class_logits[-1].sum()).backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if "strides" in str(w.message)]
+    assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.grad is not None)

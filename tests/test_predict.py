@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +13,12 @@ import torch
 from PIL import Image
 
 from eomt.config import compose
+from eomt.errors import ConfigError
 from eomt.metrics.panoptic import rgb_to_id
 from eomt.model import build_model
 from eomt.predict import main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OVERRIDES = ["model=tiny", "dataset=synthetic"]
 
@@ -52,7 +58,7 @@ def test_panoptic_outputs(checkpoint, images, tmp_path):
     run(checkpoint, images, tmp_path, "batch_size=2", "eval.predictor.panoptic.score_threshold=0.0")
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["a.png", "sub__b.png"]
     with Image.open(tmp_path / "overlays" / "sub__b.png") as overlay:
-        assert overlay.size == (40, 90) and overlay.mode == "RGB"
+        assert overlay.size == (40 * 7, 90 * 7) and overlay.mode == "RGB"  # enlarged: labels stay legible
     annotations = json.loads((tmp_path / "panoptic.json").read_text())["annotations"]
     assert sorted(a["file_name"] for a in annotations) == ["a.png", "sub__b.png"]
     for ann in annotations:
@@ -82,9 +88,51 @@ def test_semantic_and_instance_outputs(images, tmp_path):
 
 
 def test_argument_errors_are_one_line():
-    with pytest.raises(SystemExit, match="missing input=..., output=..."):
+    with pytest.raises(ConfigError, match="missing input=..., output=..."):
         parse_args(["checkpoint=x.pt"])
-    with pytest.raises(SystemExit, match="not key=value"):
+    with pytest.raises(ConfigError, match="not key=value"):
         parse_args(["checkpoint"])
     args, overrides = parse_args(["checkpoint=c", "input=i", "output=o", "model=vit_s", "batch_size=4"])
     assert args.batch_size == 4 and overrides == ["model=vit_s"]
+
+
+def test_an_unreadable_image_is_skipped_named_and_counted(checkpoint, images, tmp_path, caplog, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((images / "a.png").read_bytes())
+    (folder / "broken.jpg").write_bytes((images / "sub" / "b.jpg").read_bytes()[:40])  # truncated
+    with caplog.at_level("WARNING", logger="eomt.predict"):
+        run(checkpoint, folder, tmp_path / "out")
+    assert "skipping unreadable image" in caplog.text and "broken.jpg" in caplog.text
+    assert "wrote 1 predictions (panoptic)" in (out := capsys.readouterr().out)
+    assert "skipped 1 unreadable" in out
+    panoptic = json.loads((tmp_path / "out" / "panoptic.json").read_text())  # complete, valid JSON
+    assert [a["file_name"] for a in panoptic["annotations"]] == ["a.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == ["a.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x00" * 4096, "is unreadable or not a PyTorch checkpoint"),
+        (None, "contains Python objects that weights-only loading refuses"),
+    ],
+)
+def test_an_unusable_checkpoint_is_one_line_and_exit_1(images, tmp_path, content, message):
+    bad = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"model": {}, "note": Path("a python object")}, bad)
+    else:
+        bad.write_bytes(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "eomt.predict", f"checkpoint={bad}", f"input={images}", f"output={tmp_path}/o"]
+        + OVERRIDES,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad} {message}"), done.stderr

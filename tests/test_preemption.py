@@ -56,7 +56,9 @@ def test_sigterm_stops_without_asking_for_requeue(handler, fake_scontrol, monkey
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     signal.raise_signal(signal.SIGTERM)
     assert handler.should_stop() and handler.reason == StopReason.STOP
-    handler.finish()
+    with pytest.raises(SystemExit) as exit_info:
+        handler.finish("ckpt/step_00000007.pt")
+    assert exit_info.value.code == 0
     assert not fake_scontrol.exists()
 
 
@@ -65,7 +67,9 @@ def test_usr_signal_requeues_a_plain_sbatch_job_that_asked_for_it(handler, fake_
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     signal.raise_signal(signal.SIGUSR1)
     assert handler.should_stop()
-    handler.finish()  # returns: the loop then exits with code 0
+    with pytest.raises(SystemExit) as exit_info:
+        handler.finish("ckpt/step_00000007.pt")
+    assert exit_info.value.code == 0
     assert fake_scontrol.read_text().split() == ["requeue", "4242"]
 
 
@@ -73,7 +77,8 @@ def test_no_requeue_unless_the_job_asked_for_it(handler, fake_scontrol, monkeypa
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     signal.raise_signal(signal.SIGUSR2)
     assert handler.should_stop()
-    handler.finish()
+    with pytest.raises(SystemExit):
+        handler.finish()
     assert not fake_scontrol.exists()
 
 
@@ -126,8 +131,66 @@ def test_inside_submitit_sigterm_ends_without_requeue(monkeypatch):
         signal.signal(signal.SIGUSR2, previous)
 
 
+def test_first_ctrl_c_stops_at_the_boundary_with_130_and_a_second_aborts(handler, capsys):
+    signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: only a flag
+    assert handler.should_stop() and handler.reason == StopReason.INTERRUPT
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_info:
+        handler.finish("run/checkpoints/step_00000003.pt")
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "stopped by SIGINT: checkpoint saved to run/checkpoints/step_00000003.pt; "
+        "run the same command again to resume from it"
+    )
+
+
+class _Batches:
+    """An iterator standing in for a DataLoader's: `fail` makes it raise as for dead workers."""
+
+    def __init__(self, fail=False):
+        self.fail, self.calls = fail, 0
+
+    def __next__(self):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+        return self.calls
+
+
+def test_next_batches_fetches_nothing_once_a_stop_is_pending(handler):
+    batches = _Batches()
+    assert handler.next_batches(batches, 2) == [1, 2]
+    signal.raise_signal(signal.SIGTERM)
+    assert handler.next_batches(batches, 2) is None
+    assert batches.calls == 2  # the workers may be dead: not asked again
+    assert handler.reason == StopReason.STOP  # agreed: the loop saves and finishes
+
+
+def test_next_batches_turns_dead_workers_into_a_stop_only_after_a_signal(handler):
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        handler.next_batches(_Batches(fail=True), 1)  # no signal: a real failure
+    handler._received, handler._received_signal = StopReason.STOP, signal.SIGTERM  # arrived mid-fetch
+    assert handler.next_batches(_Batches(fail=True), 1) is None
+
+
+def test_a_stop_sets_aside_pytorchs_worker_death_handler(handler):
+    calls = []
+    previous = signal.signal(signal.SIGCHLD, lambda signum, frame: calls.append(signum))
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGCHLD)  # a worker died of the same SIGTERM: must not raise mid-step
+        assert calls == []
+        handler.uninstall()
+        signal.raise_signal(signal.SIGCHLD)
+        assert calls == [signal.SIGCHLD]  # given back
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 def test_dataloader_workers_ignore_the_scheduler_signals():
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         ignore_in_dataloader_worker(0)
         signal.raise_signal(signal.SIGUSR2)  # the default action would end this process
@@ -160,6 +223,15 @@ def _rank_loop(rank: int, port: int, out: str) -> None:
                 stopped_at[check_every] = (step, int(handler.reason))
                 break
         handler.uninstall()
+    # A stop that reaches rank 0 while it fetches: no rank runs the step (its collectives would hang).
+    handler = PreemptionHandler()
+    handler.install()
+    fetched = [handler.next_batches(iter(range(10)), 2)]
+    if rank == 0:
+        signal.raise_signal(signal.SIGTERM)
+    fetched.append(handler.next_batches(iter(range(10)), 2))
+    stopped_at["next_batches"] = [fetched, int(handler.reason)]
+    handler.uninstall()
     distributed.cleanup()
     Path(out, f"rank{rank}.json").write_text(json.dumps(stopped_at))
 
@@ -169,7 +241,11 @@ def test_all_ranks_stop_at_the_same_step_when_one_rank_gets_the_signal(tmp_path)
     mp.spawn(_rank_loop, args=(_free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1]
-    assert results[0] == {"1": [3, int(StopReason.REQUEUE)], "2": [4, int(StopReason.REQUEUE)]}
+    assert results[0] == {
+        "1": [3, int(StopReason.REQUEUE)],
+        "2": [4, int(StopReason.REQUEUE)],
+        "next_batches": [[[0, 1], None], int(StopReason.STOP)],
+    }
 
 
 # --- a real submitit job is requeued and resumes ------------------------------------------------
@@ -235,13 +311,13 @@ def test_submitit_local_job_is_requeued_by_submitit_and_resumes(tmp_path):
 
 
 # --- train.py: signal -> checkpoint -> scontrol requeue -> the second run resumes ---------------
-def _train_cmd(run_dir: Path, max_steps: int) -> list[str]:
+def _train_cmd(run_dir: Path, max_steps: int, workers: int = 0) -> list[str]:
     return [
         sys.executable,
         "train.py",
         "experiment=demo",
         f"hydra.run.dir={run_dir}",
-        "trainer.num_workers=0",
+        f"trainer.num_workers={workers}",
         "trainer.batch_size=4",
         "eval.every_epochs=0",
         "loss.num_points=256",
@@ -289,6 +365,116 @@ def test_train_py_checkpoints_on_the_signal_requeues_and_resumes(tmp_path, fake_
     assert f"at step {stopped_at}" in log_text  # "resumed from ... at step N"
     final = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
     assert torch.load(final, weights_only=True)["step"] == stopped_at + 2
+
+
+def _start_and_wait_for_the_loop(cmd, run_dir: Path, env: dict, stderr_path: Path) -> subprocess.Popen:
+    """Start train.py in its own process group; return once its training loop runs."""
+    with stderr_path.open("w") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "tb").glob("events.*")):  # written once the handlers are installed
+        assert proc.poll() is None, stderr_path.read_text()
+        assert time.monotonic() < deadline, "train.py did not start its loop within 300 s"
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps in, the workers busy
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_to_the_process_group_with_workers_saves_and_resumes(tmp_path, sig, code):
+    """What `scancel` / a cluster's preemption / Ctrl-C deliver: the DataLoader workers get it too."""
+    env = {**os.environ, "EOMT_CACHE": str(tmp_path / "cache")}
+    env.pop(REQUEUE_ENV, None)
+    run_dir, stderr_path = tmp_path / "run", tmp_path / "stderr.txt"
+    proc = _start_and_wait_for_the_loop(_train_cmd(run_dir, 10**6, workers=2), run_dir, env, stderr_path)
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = stderr_path.read_text()
+    assert proc.returncode == code, stderr
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    assert len(checkpoints) == 1
+    stopped_at = torch.load(checkpoints[0], weights_only=True)["step"]
+    assert 0 < stopped_at < 10**6
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped by {sig.name}: checkpoint saved to {checkpoints[0]}; run the same command again to resume from it"
+    )
+    assert "Traceback" not in stderr
+
+    second = subprocess.run(
+        _train_cmd(run_dir, stopped_at + 1, workers=2),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert second.returncode == 0, second.stderr
+    assert f"{checkpoints[0]} at step {stopped_at}" in (run_dir / "train.log").read_text()
+    assert (
+        torch.load(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)["step"]
+        == stopped_at + 1
+    )
+
+
+@pytest.mark.slow
+def test_train_py_resumes_past_an_unreadable_newest_checkpoint_and_clears_interrupted_writes(tmp_path):
+    env = {**os.environ, "EOMT_CACHE": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    cmd = [*_train_cmd(run_dir, 2), "trainer.ckpt_every_steps=1"]
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=600).returncode == 0
+    folder = run_dir / "checkpoints"
+    (folder / "step_00000002.pt").write_bytes(bytes(1000))  # zero-filled
+    leftover = folder / ".step_00000003.pt.x1y2.tmp"  # a write killed half-way
+    leftover.write_bytes(b"partial")
+    done = subprocess.run(
+        [*_train_cmd(run_dir, 3), "trainer.ckpt_every_steps=1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    log_text = (run_dir / "train.log").read_text()
+    assert "step_00000002.pt is unreadable or not a PyTorch checkpoint" in log_text
+    assert f"resumed from {folder / 'step_00000001.pt'} at step 1" in log_text
+    assert (folder / "step_00000002.pt.corrupt").read_bytes() == bytes(1000)  # kept for a look
+    assert not leftover.exists()
+    assert torch.load(folder / "step_00000003.pt", weights_only=True)["step"] == 3
+
+
+def test_ctrl_c_twice_aborts_at_once(tmp_path):
+    """The second Ctrl-C does not wait for the step boundary (here: a loop that never reaches one)."""
+    code = (
+        "import signal, time\n"
+        "from eomt.preemption import PreemptionHandler\n"
+        "h = PreemptionHandler(); h.install()\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('aborted', h.stop_requested, flush=True)\n"
+        "    raise SystemExit(130)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert proc.poll() is None  # the first one only asks for a stop at the boundary
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and out.strip() == "aborted True"
 
 
 # --- the plain sbatch script ------------------------------------------------------------------

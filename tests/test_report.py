@@ -10,6 +10,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from eomt import report
+from eomt.errors import DataError
 from eomt.tb_hparams import flatten_hparams, hparams_from_overrides, log_hparams
 
 
@@ -112,7 +113,7 @@ def test_cli_prints_the_table_and_saves_the_plot(sweep, capsys):
 def test_cli_errors_name_the_problem(tmp_path, setup, message):
     root = tmp_path / "sweep"
     setup(root)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(DataError, match=message):
         report.main([str(root), "--no-plot"])
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import logged
 
 import train
 from eomt.config import compose
@@ -36,14 +37,6 @@ def run(tmp_path, *overrides: str) -> train.Run:
     run = train.build_run(compose([*FAST, *overrides]), tmp_path)
     train.train(run)
     return run
-
-
-def logged(run_dir, tag: str = "train/loss") -> dict[int, float]:
-    """step -> value of a TensorBoard scalar the run wrote (a resumed run's purge applied)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb")).Reload()
-    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):

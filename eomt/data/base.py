@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from eomt.data.decode import CorruptFileError
 from eomt.data.records import PackedRecords
+from eomt.errors import DataError
 
 ON_CORRUPT = ("skip", "raise")
 
@@ -77,4 +78,4 @@ def check_matches(dataset: str, missing: list[str], what: str, where: str) -> No
     """One-line error when annotations and files do not match: `missing` lists what is absent."""
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise ValueError(f"{dataset}: {len(missing)} {what} missing from {where} (e.g. {shown})")
+        raise DataError(f"{dataset}: {len(missing)} {what} missing from {where} (e.g. {shown})")

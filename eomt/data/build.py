@@ -5,9 +5,11 @@ from __future__ import annotations
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from eomt.data.records import PackedRecords
 from eomt.data.transforms import TrainTransform
+from eomt.errors import ConfigError
 
 TASKS = ("panoptic", "semantic", "instance")
 
@@ -40,10 +42,23 @@ def build_dataset(dataset_cfg: DictConfig, task: str, split: str, train: bool) -
             color_jitter=bool(dataset_cfg.color_jitter),
         )
     try:
-        return instantiate(dataset_cfg[task].dataset, split=split, transform=transform)
+        dataset = instantiate(dataset_cfg[task].dataset, split=split, transform=transform)
     except InstantiationException as e:
         # Hydra wraps the dataset's own one-line error (missing zip, mismatched annotations) in a
         # multi-line message; show the user the original.
         if isinstance(e.__cause__, (FileNotFoundError, ValueError)):
             raise e.__cause__ from None
         raise
+    return first_images(dataset, dataset_cfg.get(f"max_{split}_images"))
+
+
+def first_images(dataset: Dataset, count: int | None) -> Dataset:
+    """Keep the split's first `count` images (`dataset.max_train_images`, `max_val_images`: debug runs)."""
+    if count is None or count >= len(dataset):
+        return dataset
+    if count < 1:
+        raise ConfigError(f"dataset.max_*_images={count} must be >= 1, or null for the whole split")
+    if not hasattr(dataset, "records"):  # not one of ours (eomt.data.base)
+        return Subset(dataset, range(count))
+    dataset.records = PackedRecords(dataset.records[i] for i in range(count))
+    return dataset

@@ -18,6 +18,7 @@ from eomt.data.decode import read_image, read_png, rgb_to_id
 from eomt.data.records import PackedRecords
 from eomt.data.targets import panoptic_fields, semantic_fields
 from eomt.data.zipreader import Store
+from eomt.errors import DataError
 
 
 def things_first(categories: Sequence[dict]) -> tuple[dict[int, int], list[str], list[int]]:
@@ -30,7 +31,7 @@ def things_first(categories: Sequence[dict]) -> tuple[dict[int, int], list[str],
 def check_class_names(dataset: str, source: str, found: list[str], expected: Sequence[str] | None) -> None:
     """The config's class names must be the annotations' categories, in contiguous order."""
     if expected is not None and list(expected) != found:
-        raise ValueError(
+        raise DataError(
             f"{dataset}: the categories of {source} ({len(found)}: {', '.join(found[:6])}"
             f"{', ...' if len(found) > 6 else ''}) differ from the configured class_names "
             f"({len(expected)}: {', '.join(list(expected)[:6])}{', ...' if len(expected) > 6 else ''})"
@@ -80,7 +81,7 @@ def index_panoptic_json(
             }
         )
     if unknown_categories:
-        raise ValueError(
+        raise DataError(
             f"{dataset}: {source} uses category ids {sorted(unknown_categories)[:5]} that are not in its "
             f"'categories' list"
         )
@@ -127,7 +128,7 @@ class PanopticJsonDataset(SegmentationDataset):
         id_map = rgb_to_id(read_png(self.masks, record["mask"])[..., :3])
         size = (record["height"], record["width"])
         if tuple(image.shape[1:]) != size or id_map.shape != size:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: sizes disagree for {record['file_name']}: JSON {size}, image "
                 f"{tuple(image.shape[1:])}, PNG {id_map.shape}"
             )

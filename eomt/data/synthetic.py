@@ -28,6 +28,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from eomt.data.ade20k import INSTANCE_TO_SEMANTIC
+from eomt.errors import ConfigError, user_errors
 
 THINGS = ("disc", "box", "triangle")
 STUFF = ("sky", "ground")
@@ -342,10 +343,10 @@ def generate(
 ) -> Path:
     """Write a dataset in `layout` into folder `out` (created if needed)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+        raise ConfigError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
     height, width = size
     if min(height, width) < 16:
-        raise ValueError(f"size {height}x{width} is too small; use at least 16x16")
+        raise ConfigError(f"size {height}x{width} is too small; use at least 16x16")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     LAYOUTS[layout](out, {"train": num_train, "val": num_val}, height, width, seed)
@@ -423,4 +424,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

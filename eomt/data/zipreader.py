@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from eomt.atomic import atomic_open
+from eomt.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class ZipReader:
         if not self.path.is_file():
             raise FileNotFoundError(f"zip archive {self.path} does not exist")
         if inner is not None:
-            with zipfile.ZipFile(self.path) as outer:
+            with self._archive() as outer:
                 if inner not in outer.NameToInfo:
                     raise FileNotFoundError(f"{inner} not found inside {self.path}")
                 if outer.getinfo(inner).compress_type != zipfile.ZIP_STORED:
@@ -128,17 +129,27 @@ class ZipReader:
 
     def _open(self) -> zipfile.ZipFile:
         if self.inner is None:
-            return zipfile.ZipFile(self.path)
+            return self._archive()
         if self._extracted is not None:
-            return zipfile.ZipFile(self._extracted)
-        with zipfile.ZipFile(self.path) as outer:
+            return self._archive(self._extracted)
+        with self._archive() as outer:
             info = outer.getinfo(self.inner)
         with open(self.path, "rb") as f:
             f.seek(info.header_offset)
             header = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
         name_len, extra_len = header[-2], header[-1]
         start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        return zipfile.ZipFile(_FileSlice(self.path, start, info.compress_size))
+        return self._archive(_FileSlice(self.path, start, info.compress_size))
+
+    def _archive(self, source: Path | _FileSlice | None = None) -> zipfile.ZipFile:
+        """zipfile.ZipFile on the archive (or the nested one); a damaged one is a DataError naming it."""
+        try:
+            return zipfile.ZipFile(self.path if source is None else source)
+        except (zipfile.BadZipFile, EOFError, struct.error) as e:
+            raise DataError(
+                f"{self} is not a readable zip archive ({type(e).__name__}: {e}); it is probably "
+                "truncated or damaged: download it again"
+            ) from e
 
     def _extract_once(self, outer: zipfile.ZipFile, info: zipfile.ZipInfo) -> Path:
         stat = self.path.stat()

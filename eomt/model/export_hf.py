@@ -19,6 +19,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from eomt.errors import user_errors
 from eomt.model.eomt import EoMT
 from eomt.model.weight_formats import HF_EOMT_DINOV3, HF_EOMT_MLP, HF_EOMT_SWIGLU, Layout
 
@@ -165,4 +166,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

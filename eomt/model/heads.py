@@ -20,6 +20,15 @@ class ScaleBlock(nn.Module):
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
         self.norm = LayerNorm2d(dim)
+        self.conv2.weight.register_hook(self._grad_in_weight_layout)
+
+    def _grad_in_weight_layout(self, grad: Tensor) -> Tensor:
+        # The depthwise conv's backward gives its (dim, 1, 3, 3) weight gradient stride 1 on the size-1
+        # dimension, the weight has 9. Autograd accepts that (size-1 strides do not matter) but DDP
+        # compares strides exactly with its buckets, laid out like the weights, and warns "grad
+        # strides do not match bucket view strides" on every run. The same elements, restrided.
+        weight = self.conv2.weight
+        return grad if grad.stride() == weight.stride() else grad.as_strided(weight.shape, weight.stride())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv2(self.act(self.conv1(x))))

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -304,13 +305,33 @@ def _read_tensors(path: Path) -> Mapping:
         return merged
     if path.suffix == ".safetensors":
         return load_file(path)
+    return load_weights_only(path)
+
+
+def load_weights_only(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)` on the CPU; a file it cannot use raises a one-line CheckpointError.
+
+    The message tells apart a file that cannot be parsed (truncated, empty, zero-filled, another
+    format) from one that parses but holds Python objects, which weights-only loading refuses.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:
+        refused = _REFUSED_OBJECT.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        if refused:
+            raise CheckpointError(
+                f"{path} contains Python objects that weights-only loading refuses ({refused.group(1)}); "
+                "save a plain state dict of tensors (torch.save(model.state_dict(), ...))"
+            ) from error
         raise CheckpointError(
-            f"{path} is not a weights-only PyTorch file (torch.load(weights_only=True) refuses it): "
-            "save a plain state dict of tensors"
+            f"{path} is unreadable or not a PyTorch checkpoint ({type(error).__name__}); it may be "
+            "truncated or damaged: save or download it again"
         ) from error
+
+
+_REFUSED_OBJECT = re.compile(r"Unsupported global: GLOBAL (\S+)")  # torch's words for a refused class
 
 
 def _unwrap(obj: Mapping) -> Mapping:
