@@ -108,6 +108,7 @@ class Trainer:
                 weight_decay=cfg.schedule.weight_decay,
                 layer_decay=cfg.schedule.layer_decay,
                 decay_query_blocks=cfg.schedule.decay_query_blocks,
+                weight_decay_exempt=list(cfg.schedule.weight_decay_exempt),
             ),
             lr=cfg.schedule.lr,
             fused=self.device.type == "cuda",
