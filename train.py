@@ -150,6 +150,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> 
         weight_decay=cfg.schedule.weight_decay,
         layer_decay=cfg.schedule.layer_decay,
         decay_query_blocks=cfg.schedule.decay_query_blocks,
+        weight_decay_exempt=list(cfg.schedule.weight_decay_exempt),
     )
     return torch.optim.AdamW(groups, lr=cfg.schedule.lr, fused=device.type in ("cuda", "cpu"))
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from eomt.data import ADE20KPanoptic, ADE20KSemantic
-from eomt.data.ade20k import INSTANCE_TO_SEMANTIC, THING_CLASSES, semantic_classes
+from eomt.data.ade20k import INSTANCE_TO_SEMANTIC, THING_CLASSES, panoptic_pngs_empty, semantic_classes
 from eomt.data.synthetic import generate
 
 SIZE = (48, 40)
@@ -122,3 +122,46 @@ def test_panoptic_sample_has_no_crowd_and_contiguous_ids(root):
     assert sorted(s["id"] for s in sample["panoptic"]["segments"]) == sorted(
         set(sample["panoptic"]["id_map"].unique().tolist()) - {0}
     )
+
+
+def _encode(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_single_valued_label_pngs_are_left_out_of_training_and_the_answer_is_cached(
+    root, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("EOMT_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(root, tmp_path / "ade20k")
+    archive = tmp_path / "ade20k" / "ADEChallengeData2016.zip"
+    member = "ADEChallengeData2016/annotations/training/ADE_train_00000002.png"
+    with zipfile.ZipFile(archive) as z:
+        members = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(archive, "w") as z:
+        for info, data in members:  # one label PNG of a single value (a class, not "other")
+            z.writestr(info, _encode(np.full(SIZE, 7)) if info.filename == member else data)
+
+    train = ADE20KSemantic(tmp_path / "ade20k", "train", skip_empty=True)
+    assert len(train) == 4 and "ADE_train_00000002" not in [train.records[i]["image_id"] for i in range(4)]
+    assert len(ADE20KSemantic(tmp_path / "ade20k", "train")) == 5
+    assert len(list((tmp_path / "cache" / "empty_targets").glob("ade20k_semantic-*.json"))) == 1
+    monkeypatch.setattr("eomt.data.ade20k.single_valued", lambda png: pytest.fail("decoded again"))
+    assert len(ADE20KSemantic(tmp_path / "ade20k", "train", skip_empty=True)) == 4
+
+
+def test_panoptic_emptiness_follows_the_release():
+    wall, person = 1, 13  # "wall" is stuff; semantic value 13 is the instance class "person"
+    assert person - 1 in THING_CLASSES and wall - 1 not in THING_CLASSES
+    no_instance = _encode(np.zeros((4, 4, 3)))
+    assert panoptic_pngs_empty(_encode(np.full((4, 4), wall)), no_instance)  # a single value, even stuff
+    things_only = _encode([[0, person], [person, person]])
+    assert panoptic_pngs_empty(things_only, no_instance)
+    assert not panoptic_pngs_empty(_encode([[0, wall], [person, person]]), no_instance)
+    one_instance = np.zeros((2, 2, 3))
+    one_instance[..., 1] = 1  # G = instance id 1 over the whole image
+    assert not panoptic_pngs_empty(things_only, _encode(one_instance))
+    varying = np.zeros((2, 2, 3))
+    varying[0, 0] = (4, 1, 0)
+    assert not panoptic_pngs_empty(things_only, _encode(varying))

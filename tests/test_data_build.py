@@ -1,6 +1,9 @@
 """Dataset configs (conf/dataset), build_dataset, collate, and the synthetic dataset's cache."""
 
+import json
+import logging
 import multiprocessing
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 from eomt.data import build_dataset, check_task, collate_eval, collate_train
+from eomt.data.sampler import ResumableSampler
 from eomt.data.synthetic import ensure_generated, main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -124,6 +128,39 @@ def test_synthetic_dataset_for_each_task(compose_data, task, num_classes):
     assert isinstance(samples, list) and all(
         eval_key in s and s["image"].shape == (3, 48, 48) for s in samples
     )
+
+
+def test_training_leaves_out_images_without_segments_as_the_release(compose_data, caplog):
+    # A COCO panoptic split where 9 of 48 training images (and 1 of 4 val images) have no segment.
+    overrides = [
+        "dataset=synthetic",
+        "dataset.generator.num_train=48",
+        "dataset.generator.num_val=4",
+        "dataset.generator.size=[32,32]",
+    ]
+    cfg = compose_data(*overrides)
+    folder = ensure_generated(cfg.dataset.root, "coco", 48, 4, (32, 32), seed=0)
+    archive = folder / "panoptic_annotations_trainval2017.zip"
+    with zipfile.ZipFile(archive) as z:
+        members = {info.filename: (info, z.read(info)) for info in z.infolist()}
+    for split, count in (("train", 9), ("val", 1)):
+        info, data = members[f"annotations/panoptic_{split}2017.json"]
+        annotations = json.loads(data)
+        for ann in annotations["annotations"][:count]:
+            ann["segments_info"] = []
+        members[info.filename] = (info, json.dumps(annotations).encode())
+    with zipfile.ZipFile(archive, "w") as z:
+        for info, data in members.values():
+            z.writestr(info, data)
+
+    with caplog.at_level(logging.INFO, logger="eomt.data.empty"):
+        train = build_dataset(cfg.dataset, "panoptic", "train", train=True)
+    assert "left out 9 of 48 training images" in caplog.text
+    sampler = ResumableSampler(train, num_replicas=1, rank=0, seed=0, batch_size=16)
+    assert len(sampler) // 16 == (48 - 9) // 16 == 2  # the release's steps per epoch (drop_last), not 3
+    assert len(build_dataset(cfg.dataset, "panoptic", "val", train=False)) == 4  # every image is scored
+    kept_all = compose_data(*overrides, "dataset.skip_empty_train=false")
+    assert len(build_dataset(kept_all.dataset, "panoptic", "train", train=True)) == 48
 
 
 def test_dataloader_with_two_workers_on_the_synthetic_config(compose_data):

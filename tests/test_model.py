@@ -78,6 +78,29 @@ def test_annealing_lifts_rows_with_probability_one_minus_p(make_tiny_eomt):
     assert 0.35 < lifted_fraction(0.5) < 0.65
 
 
+def test_annealing_draws_random_numbers_only_in_blocks_with_p_below_one(make_tiny_eomt):
+    # The release draws one uniform number per (image, query) in a block only when its p < 1.
+    model = make_tiny_eomt().eval()  # 2 query blocks, 7 queries; eval: no dropout draws
+    images = torch.rand(2, 3, 64, 64)
+
+    def rng_after_forward(probs: list[float]) -> torch.Tensor:
+        model.attn_mask_probs.copy_(torch.tensor(probs))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model(images)
+        return torch.get_rng_state()
+
+    def rng_after_draws(count: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        for _ in range(count):
+            torch.rand(2, 7)
+        return torch.get_rng_state()
+
+    assert torch.equal(rng_after_forward([1.0, 1.0]), rng_after_draws(0))
+    assert torch.equal(rng_after_forward([1.0, 0.5]), rng_after_draws(1))
+    assert torch.equal(rng_after_forward([0.0, 0.5]), rng_after_draws(2))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_query_with_empty_mask_sees_queries_and_prefix_only(make_tiny_eomt, family):
     model = make_tiny_eomt(family).eval()

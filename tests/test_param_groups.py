@@ -3,6 +3,7 @@ import timm
 import torch
 from torch import nn
 
+from eomt.errors import ConfigError
 from eomt.training import param_groups
 
 DIM = 32
@@ -101,8 +102,20 @@ def test_query_blocks_keep_the_full_lr_without_their_decay(model):
     assert groups["backbone.cls_token"]["lr"] == pytest.approx(0.125)
 
 
-def test_weight_decay_skips_1d_parameters_position_embeddings_tokens_and_queries(model):
-    groups = group_of(param_groups(model, lr=1.0, weight_decay=0.05), model)
+def test_weight_decay_is_applied_to_every_parameter_by_default(model):
+    # The release: AdamW(param_groups, weight_decay=0.05) over groups that set no weight decay.
+    groups = param_groups(model, lr=1.0, weight_decay=0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05] * len(groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_weight_decay_exempt_names_what_gets_none(model):
+    groups = group_of(
+        param_groups(
+            model, lr=1.0, weight_decay=0.05, weight_decay_exempt=["one_dim", "position", "tokens", "queries"]
+        ),
+        model,
+    )
     no_decay = {name for name, g in groups.items() if g["weight_decay"] == 0.0}
     assert {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_token", "q.weight"} <= no_decay
     assert {
@@ -118,6 +131,12 @@ def test_weight_decay_skips_1d_parameters_position_embeddings_tokens_and_queries
         "backbone.blocks.3.mlp.fc2.weight",
         "upscale.0.weight",
     } <= decayed
+    only_queries = group_of(
+        param_groups(model, lr=1.0, weight_decay=0.05, weight_decay_exempt=["queries"]), model
+    )
+    assert {name for name, g in only_queries.items() if g["weight_decay"] == 0.0} == {"q.weight"}
+    with pytest.raises(ConfigError, match="weight_decay_exempt: unknown \\['norms'\\]"):
+        param_groups(model, lr=1.0, weight_decay=0.05, weight_decay_exempt=["norms"])
 
 
 def test_dinov3_eva_backbone():
@@ -126,7 +145,7 @@ def test_dinov3_eva_backbone():
     assert len(groups) == len(list(model.parameters()))
     assert groups["backbone.reg_token"]["lr"] == pytest.approx(0.125)
     assert groups["backbone.blocks.3.attn.qkv.weight"]["lr"] == 1.0
-    assert groups["backbone.blocks.0.gamma_1"]["weight_decay"] == 0.0
+    assert groups["backbone.blocks.0.gamma_1"]["weight_decay"] == 0.05
 
 
 def test_frozen_parameters_are_left_out():

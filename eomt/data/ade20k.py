@@ -12,13 +12,16 @@ stuff), as in Mask2Former's conversion; thing pixels without an instance are voi
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from eomt.data.base import SegmentationDataset, check_matches, check_split
 from eomt.data.decode import read_image, read_png
+from eomt.data.empty import drop_empty, scan_pngs, single_valued
 from eomt.data.records import PackedRecords
 from eomt.data.targets import panoptic_fields, semantic_fields
 from eomt.data.zipreader import ZipReader, require_file
@@ -152,7 +155,10 @@ def semantic_classes(png: np.ndarray) -> np.ndarray:
 
 
 class ADE20KSemantic(SegmentationDataset):
-    """ADE20K scene parsing: 150 classes, "other" ignored."""
+    """ADE20K scene parsing: 150 classes, "other" ignored.
+
+    `skip_empty`: leave out images whose label PNG holds a single value (`eomt.data.empty`).
+    """
 
     name = "ADE20K semantic"
 
@@ -162,12 +168,20 @@ class ADE20KSemantic(SegmentationDataset):
         split: str,
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
+        skip_empty: bool = False,
     ):
         super().__init__(transform=transform, on_corrupt=on_corrupt)
         self.root = Path(root)
         self.folder = check_split(self.name, split, SPLITS)
         self.store = ZipReader(require_file(self.root / IMAGES_ZIP, "ADE20K", IMAGES_URL))
-        self.records = PackedRecords(self._index())
+        records = self._index()
+        if skip_empty:
+            records = drop_empty(self.name, records, self._empty(records))
+        self.records = PackedRecords(records)
+
+    def _empty(self, records: list[dict]) -> list[bool]:
+        members = [[(self.store, r["label"])] for r in records]
+        return scan_pngs("ade20k_semantic", members, lambda pngs: single_valued(pngs[0]))
 
     def _index(self) -> list[dict]:
         names = set(self.store.names())
@@ -225,11 +239,16 @@ class ADE20KPanoptic(ADE20KSemantic):
         split: str,
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
+        skip_empty: bool = False,
     ):
         self.instances = ZipReader(
             require_file(Path(root) / INSTANCES_ZIP, "ADE20K instances", INSTANCES_URL)
         )
-        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt)
+        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
+
+    def _empty(self, records: list[dict]) -> list[bool]:
+        members = [[(self.store, r["label"]), (self.instances, r["instance"])] for r in records]
+        return scan_pngs("ade20k_panoptic", members, lambda pngs: panoptic_pngs_empty(*pngs))
 
     def _index(self) -> list[dict]:
         records = super()._index()
@@ -271,6 +290,21 @@ class ADE20KPanoptic(ADE20KSemantic):
         areas = np.bincount(id_map.ravel(), minlength=len(segments) + 1)
         segments = [{**s, "area": int(areas[s["id"]])} for s in segments if areas[s["id"]] > 0]
         return panoptic_fields(id_map, segments)
+
+
+def panoptic_pngs_empty(semantic_png: bytes, instance_png: bytes) -> bool:
+    """The release's test for an empty ADE20K panoptic target, on the two PNGs' bytes: a single-valued
+    semantic PNG, or a constant instance PNG without an instance and a semantic PNG without stuff."""
+    if single_valued(semantic_png):
+        return True
+    if not single_valued(instance_png):
+        return False
+    instances = np.asarray(Image.open(io.BytesIO(instance_png)))
+    if instances.ndim != 3 or instances[0, 0, 1] != 0:
+        return False  # one instance covering the image (G = its id)
+    values = np.unique(np.asarray(Image.open(io.BytesIO(semantic_png))))
+    classes = values[(values >= 1) & (values <= NUM_CLASSES)].astype(np.int64) - 1
+    return not (~_IS_THING[classes]).any()
 
 
 def _check_size(dataset: str, record: dict, image, label: np.ndarray) -> None:

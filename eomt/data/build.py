@@ -30,6 +30,8 @@ def check_task(dataset_cfg: DictConfig, task: str) -> None:
 def build_dataset(dataset_cfg: DictConfig, task: str, split: str, train: bool) -> Dataset:
     """The task node's dataset for `split`, with the training transform when `train`.
 
+    For training, images whose target is empty are left out as the authors' release does, unless
+    `dataset.skip_empty_train` is false (`eomt.data.empty`); evaluation keeps every image.
     `dataset_cfg` is the composed config's `dataset` node (its interpolations resolve against the
     whole config).
     """
@@ -42,7 +44,12 @@ def build_dataset(dataset_cfg: DictConfig, task: str, split: str, train: bool) -
             color_jitter=bool(dataset_cfg.color_jitter),
         )
     try:
-        dataset = instantiate(dataset_cfg[task].dataset, split=split, transform=transform)
+        dataset = instantiate(
+            dataset_cfg[task].dataset,
+            split=split,
+            transform=transform,
+            skip_empty=train and bool(dataset_cfg.get("skip_empty_train", True)),
+        )
     except InstantiationException as e:
         # Hydra wraps the dataset's own one-line error (missing zip, mismatched annotations) in a
         # multi-line message; show the user the original.

@@ -18,6 +18,7 @@ import torch
 
 from eomt.data.base import SegmentationDataset, check_matches, check_split
 from eomt.data.decode import read_image, read_png
+from eomt.data.empty import drop_empty, scan_pngs, single_valued
 from eomt.data.records import PackedRecords
 from eomt.data.targets import (
     empty_masks,
@@ -91,7 +92,11 @@ def instance_segments(instance_ids: np.ndarray) -> tuple[np.ndarray, list[dict]]
 
 
 class CityscapesSemantic(SegmentationDataset):
-    """Cityscapes semantic segmentation: 19 classes."""
+    """Cityscapes semantic segmentation: 19 classes.
+
+    `skip_empty`: leave out images whose label PNG (labelIds here, instanceIds for panoptic and
+    instance) holds a single value (`eomt.data.empty`).
+    """
 
     name = "Cityscapes semantic"
     label_suffix = "labelIds"
@@ -102,13 +107,19 @@ class CityscapesSemantic(SegmentationDataset):
         split: str,
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
+        skip_empty: bool = False,
     ):
         super().__init__(transform=transform, on_corrupt=on_corrupt)
         root = Path(root)
         self.split = check_split(self.name, split, SPLITS)
         self.images = ZipReader(require_file(root / IMAGES_ZIP, "Cityscapes images", URL))
         self.labels = ZipReader(require_file(root / LABELS_ZIP, "Cityscapes annotations", URL))
-        self.records = PackedRecords(self._index())
+        records = self._index()
+        if skip_empty:
+            members = [[(self.labels, r["label"])] for r in records]
+            empty = scan_pngs(f"cityscapes_{self.label_suffix}", members, lambda pngs: single_valued(pngs[0]))
+            records = drop_empty(self.name, records, empty)
+        self.records = PackedRecords(records)
 
     def _index(self) -> list[dict]:
         image_dir, suffix = f"leftImg8bit/{self.split}/", "_leftImg8bit.png"

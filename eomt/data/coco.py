@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 
 from eomt.data.base import SegmentationDataset, check_matches, check_split
 from eomt.data.decode import read_image
+from eomt.data.empty import drop_empty
 from eomt.data.panoptic_json import PanopticJsonDataset, SemanticFromPanoptic, check_class_names
 from eomt.data.records import PackedRecords
 from eomt.data.targets import empty_masks, instance_fields
@@ -47,7 +48,10 @@ def _read_json(store: ZipReader, member: str) -> dict:
 
 
 class CocoPanoptic(PanopticJsonDataset):
-    """COCO panoptic: 133 classes (80 things, 53 stuff), crowd segments flagged."""
+    """COCO panoptic: 133 classes (80 things, 53 stuff), crowd segments flagged.
+
+    `skip_empty`: leave out images without any segment in the JSON (`eomt.data.empty`).
+    """
 
     name = "COCO panoptic"
 
@@ -58,6 +62,7 @@ class CocoPanoptic(PanopticJsonDataset):
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
         class_names: Sequence[str] | None = None,
+        skip_empty: bool = False,
     ):
         root = Path(root)
         name = check_split(self.name, split, SPLITS)
@@ -75,6 +80,7 @@ class CocoPanoptic(PanopticJsonDataset):
             class_names=class_names,
             transform=transform,
             on_corrupt=on_corrupt,
+            skip_empty=skip_empty,
         )
 
 
@@ -96,7 +102,10 @@ def _instance_rle(segmentation: list | dict, height: int, width: int) -> dict:
 
 
 class CocoInstance(SegmentationDataset):
-    """COCO instance segmentation: 80 thing classes from instances_{split}2017.json."""
+    """COCO instance segmentation: 80 thing classes from instances_{split}2017.json.
+
+    `skip_empty`: leave out images without any annotation (crowd ones count; `eomt.data.empty`).
+    """
 
     name = "COCO instance"
 
@@ -107,6 +116,7 @@ class CocoInstance(SegmentationDataset):
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
         class_names: Sequence[str] | None = None,
+        skip_empty: bool = False,
     ):
         super().__init__(transform=transform, on_corrupt=on_corrupt)
         root = Path(root)
@@ -121,7 +131,10 @@ class CocoInstance(SegmentationDataset):
         self.class_names = [c["name"] for c in categories]
         self.thing_classes = list(range(len(categories)))
         check_class_names(self.name, json_name, self.class_names, class_names)
-        self.records = PackedRecords(self._index(data, json_name, f"{name}/"))
+        records = self._index(data, json_name, f"{name}/")
+        if skip_empty:
+            records = drop_empty(self.name, records, [not r["annotations"] for r in records])
+        self.records = PackedRecords(records)
 
     def _index(self, data: dict, source: str, prefix: str) -> list[dict]:
         by_image: dict[int, list[dict]] = defaultdict(list)

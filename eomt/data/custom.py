@@ -50,6 +50,7 @@ class CustomPanoptic(PanopticJsonDataset):
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
         class_names: Sequence[str] | None = None,
+        skip_empty: bool = False,
     ):
         root = Path(root)
         json_path = _path(root, annotations, split)
@@ -69,4 +70,5 @@ class CustomPanoptic(PanopticJsonDataset):
             class_names=class_names,
             transform=transform,
             on_corrupt=on_corrupt,
+            skip_empty=skip_empty,
         )

@@ -15,6 +15,7 @@ import numpy as np
 
 from eomt.data.base import SegmentationDataset, check_matches
 from eomt.data.decode import read_image, read_png, rgb_to_id
+from eomt.data.empty import drop_empty
 from eomt.data.records import PackedRecords
 from eomt.data.targets import panoptic_fields, semantic_fields
 from eomt.data.zipreader import Store
@@ -98,7 +99,10 @@ def index_panoptic_json(
 
 
 class PanopticJsonDataset(SegmentationDataset):
-    """Panoptic samples from a COCO-panoptic-format JSON plus its PNGs, read from stores."""
+    """Panoptic samples from a COCO-panoptic-format JSON plus its PNGs, read from stores.
+
+    `skip_empty`: leave out images without any segment in the JSON (`eomt.data.empty`).
+    """
 
     def __init__(
         self,
@@ -111,17 +115,19 @@ class PanopticJsonDataset(SegmentationDataset):
         class_names: Sequence[str] | None = None,
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
+        skip_empty: bool = False,
     ):
         super().__init__(transform=transform, on_corrupt=on_corrupt)
         self.images = images
         self.masks = masks
         self.category_ids, self.class_names, self.thing_classes = things_first(annotations["categories"])
         check_class_names(self.name, source, self.class_names, class_names)
-        self.records = PackedRecords(
-            index_panoptic_json(
-                self.name, annotations, source, images, image_prefix, masks, mask_prefix, self.category_ids
-            )
+        records = index_panoptic_json(
+            self.name, annotations, source, images, image_prefix, masks, mask_prefix, self.category_ids
         )
+        if skip_empty:
+            records = drop_empty(self.name, records, [not r["segments"] for r in records])
+        self.records = PackedRecords(records)
 
     def load(self, record: dict) -> dict:
         image = read_image(self.images, record["image"])

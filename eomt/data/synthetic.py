@@ -391,11 +391,12 @@ def synthetic_dataset(
     num_val: int = 20,
     size: tuple[int, int] = (64, 64),
     seed: int = 0,
+    skip_empty: bool = False,
 ) -> Dataset:
     """Generate (once, into the cache folder `root`) and read a synthetic dataset with `loader`,
     one of the real dataset classes (for the COCO layout: CocoPanoptic, CocoSemantic, CocoInstance)."""
     folder = ensure_generated(root, layout, num_train, num_val, (int(size[0]), int(size[1])), seed)
-    return loader(root=folder, split=split, transform=transform, on_corrupt=on_corrupt)
+    return loader(root=folder, split=split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -96,9 +96,9 @@ class EoMT(nn.Module):
         start = num_queries + self.num_prefix_tokens
         num_tokens = start + grid[0] * grid[1]
         on_mask = F.interpolate(mask_logits, size=grid, mode="bilinear").flatten(2) > 0
-        lifted = torch.rand(batch, num_queries, 1, device=mask_logits.device) >= prob
+        lifted = _lifted_queries(prob, batch, num_queries, mask_logits.device)
         mask = torch.ones(batch, num_tokens, num_tokens, dtype=torch.bool, device=mask_logits.device)
-        mask[:, :num_queries, start:] = on_mask | lifted
+        mask[:, :num_queries, start:] = on_mask if lifted is None else on_mask | lifted
         return mask[:, None]
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -125,3 +125,16 @@ class EoMT(nn.Module):
         mask_logits.append(masks)
         class_logits.append(classes)
         return mask_logits, class_logits
+
+
+@torch.compiler.disable
+def _lifted_queries(prob: Tensor, batch: int, num_queries: int, device: torch.device) -> Tensor | None:
+    """Bool (B,Q,1): the (image, query) pairs whose mask is lifted, each with probability 1 - prob.
+
+    As in the authors' release, the random numbers are drawn only when prob < 1 (a fully masked
+    block draws none), so the random stream matches theirs; outside the compiled graph since the
+    branch reads the probability.
+    """
+    if not bool(prob < 1):
+        return None
+    return torch.rand(batch, num_queries, 1, device=device) > prob

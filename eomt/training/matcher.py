@@ -11,7 +11,8 @@ class HungarianMatcher:
     """Match queries to targets for every prediction point (block) and image at once.
 
     Cost of query q for target n: `class_weight * -p_q(label_n) + mask_weight * BCE(q, n)
-    + dice_weight * dice(q, n)`, the mask terms on points shared by all masks of an image.
+    + dice_weight * dice(q, n)`, the mask terms on points shared by all masks of an image (per
+    block, or one set for every block).
     All cost matrices come from batched einsums on the device; only the assignment itself runs on
     the CPU (scipy's `linear_sum_assignment`, once per block and image).
     """
@@ -28,11 +29,14 @@ class HungarianMatcher:
         """Cost matrices (K, B, Q, N).
 
         mask_logits (K, B, Q, P): predicted mask logits at the image's P points, for K blocks;
-        class_logits (K, B, Q, C+1); target_masks (B, N, P) in [0, 1] at the same points, padded
-        to N targets per image; target_labels (B, N) (padding: any valid class id).
+        class_logits (K, B, Q, C+1); target_masks (K, B, N, P) in [0, 1] at the same points, padded
+        to N targets per image, or (B, N, P) when every block uses the same points; target_labels
+        (B, N) (padding: any valid class id).
         """
         mask_logits = mask_logits.float()
         target_masks = target_masks.float()
+        if target_masks.dim() == 3:
+            target_masks = target_masks.expand(mask_logits.shape[0], -1, -1, -1)
         num_points = mask_logits.shape[-1]
 
         probs = class_logits.float().softmax(-1)
@@ -41,13 +45,13 @@ class HungarianMatcher:
 
         # BCE(x, t) = t * softplus(-x) + (1 - t) * softplus(x), averaged over the points.
         cost_mask = (
-            torch.einsum("kbqp,bnp->kbqn", F.softplus(-mask_logits), target_masks)
-            + torch.einsum("kbqp,bnp->kbqn", F.softplus(mask_logits), 1.0 - target_masks)
+            torch.einsum("kbqp,kbnp->kbqn", F.softplus(-mask_logits), target_masks)
+            + torch.einsum("kbqp,kbnp->kbqn", F.softplus(mask_logits), 1.0 - target_masks)
         ) / num_points
 
         pred = mask_logits.sigmoid()
-        numerator = 2.0 * torch.einsum("kbqp,bnp->kbqn", pred, target_masks)
-        denominator = pred.sum(-1)[..., None] + target_masks.sum(-1)[None, :, None, :]
+        numerator = 2.0 * torch.einsum("kbqp,kbnp->kbqn", pred, target_masks)
+        denominator = pred.sum(-1)[..., None] + target_masks.sum(-1)[:, :, None, :]
         cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
         return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
@@ -66,7 +70,7 @@ class HungarianMatcher:
         Inputs as in `costs`; num_targets (B,): image b's targets are its first num_targets[b] slots.
         A target stays unmatched only when an image has more targets than queries.
         """
-        num_blocks, batch_size, _, max_targets = (*mask_logits.shape[:3], target_masks.shape[1])
+        num_blocks, batch_size, _, max_targets = (*mask_logits.shape[:3], target_masks.shape[-2])
         costs = self.costs(mask_logits, class_logits, target_masks, target_labels).cpu().numpy()
         counts = num_targets.tolist()
         matched = np.full((num_blocks, batch_size, max_targets), -1, dtype=np.int64)

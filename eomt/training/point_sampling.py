@@ -26,30 +26,19 @@ def point_sample(features: Tensor, coords: Tensor) -> Tensor:
 
 
 def uncertain_point_coords(
-    logits: Tensor,
-    num_points: int,
-    oversample_ratio: float,
-    importance_sample_ratio: float,
-    draw: PointDraw = uniform_points,
+    logits: Tensor, candidates: Tensor, num_uncertain: int, extra: Tensor | None = None
 ) -> Tensor:
-    """Points where (R, 1, H, W) mask logits are least certain, plus uniform ones -> (R, num_points, 2).
+    """Points where (R, 1, H, W) mask logits are least certain, plus uniform ones -> (R, U + E, 2).
 
-    Draw `num_points * oversample_ratio` uniform candidates per mask, keep the
-    `importance_sample_ratio * num_points` with logits closest to 0, fill up with fresh uniform points.
+    Among the (R, C, 2) uniform `candidates` keep the `num_uncertain` (U) whose logits are closest
+    to 0 (in candidate order on ties, as topk gives), then append the (R, E, 2) uniform `extra` points.
     """
-    num_masks = logits.shape[0]
-    num_candidates = int(num_points * oversample_ratio)
-    num_uncertain = int(importance_sample_ratio * num_points)
-    if num_uncertain > num_candidates:
+    if num_uncertain > candidates.shape[1]:
         raise ValueError(
-            f"importance_sample_ratio * num_points ({num_uncertain}) exceeds the "
-            f"{num_candidates} oversampled candidates; raise oversample_ratio"
+            f"{num_uncertain} uncertain points cannot be picked among {candidates.shape[1]} candidates; "
+            "raise oversample_ratio"
         )
-    candidates = draw((num_masks, num_candidates, 2), logits.device)
     uncertainty = -point_sample(logits, candidates)[:, 0].abs()
     top = uncertainty.topk(num_uncertain, dim=1).indices
     coords = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
-    num_random = num_points - num_uncertain
-    if num_random > 0:
-        coords = torch.cat([coords, draw((num_masks, num_random, 2), logits.device)], dim=1)
-    return coords
+    return coords if extra is None else torch.cat([coords, extra], dim=1)
