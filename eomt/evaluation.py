@@ -85,7 +85,8 @@ def evaluate(
     progress: bool = True,
     description: str = "eval",
 ) -> dict[str, Any]:
-    """Metrics of `model` on `loader` (batches of evaluation samples, `collate_eval`).
+    """Metrics of `model` on `loader` (batches of evaluation samples, `collate_eval`; samples with
+    an "input" prepared by the loader's workers skip the predictor's own preparation).
 
     With `per_block`, the result also holds "per_block": {i: metrics of the prediction made
     before query block i} (the model must be built with masked attention, which makes them).
@@ -105,7 +106,8 @@ def evaluate(
         for samples in tqdm(
             loader, desc=description, disable=not (progress and distributed.is_main()), dynamic_ncols=True
         ):
-            per_point = predictor.predict(model, [s["image"] for s in samples], all_blocks=per_block)
+            inputs = [s.get("input", s["image"]) for s in samples]  # prepared by the loader, or raw
+            per_point = predictor.predict(model, inputs, all_blocks=per_block)
             if per_block and len(per_point) != len(block_evaluators) + 1:
                 raise ValueError(
                     f"the model made {len(per_point)} predictions, expected num_blocks + 1 = {len(block_evaluators) + 1}"

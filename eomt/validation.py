@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,16 @@ class Validator:
         self.task = cfg.task.name
         self.device = device
         self.dataset = build_dataset(cfg.dataset, self.task, "val", train=False)
+        self.predictor, self.evaluator = build_evaluation(cfg.eval, self.task)
+        # the network's input is resized in the workers (PIL, as the release), not on the accelerator
+        prepare = partial(self.predictor.prepare, crop=tuple(cfg.model.img_size))
         self.loader = DataLoader(
             self.dataset,
             batch_size=cfg.eval.batch_size,
             sampler=ShardSampler(len(self.dataset)),
-            collate_fn=collate_eval,
+            collate_fn=partial(collate_eval, prepare=prepare),
             num_workers=cfg.eval.num_workers,
         )
-        self.predictor, self.evaluator = build_evaluation(cfg.eval, self.task)
 
     def run(
         self,
