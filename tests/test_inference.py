@@ -105,16 +105,6 @@ def test_sliding_windows_equal_the_pil_reference_pixel_for_pixel(size, num_windo
     assert torch.equal(windows.crops, torch.stack(expected))
 
 
-def test_old_float_resize_differs_from_pil():
-    """Why the pixels come from PIL: torch's antialiased float resize, rounded, is not the same."""
-    image = random_image(120, 170)
-    size = fit_inside((120, 170), (64, 64))
-    torch_resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
-    differ = (torch_resized.round().clamp(0, 255).to(torch.uint8) != pil_resized(image, size)).float().mean()
-    assert differ > 0.01
-    assert torch.equal(letterbox(image, (64, 64)).crops[0, :, : size[0], : size[1]], pil_resized(image, size))
-
-
 def test_letterbox_round_trip_returns_the_image_and_no_padding():
     images = [
         torch.full((3, 30, 50), 200, dtype=torch.uint8),
