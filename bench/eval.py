@@ -26,7 +26,7 @@ from torch import nn
 from eomt.errors import user_errors
 from eomt.inference import SemanticPredictor
 from eomt.inference.postprocess import panoptic_keep, panoptic_segments, thing_mask
-from eomt.inference.resize import Letterbox, fit_inside, unletterbox
+from eomt.inference.resize import letterbox, unletterbox
 from eomt.metrics import PanopticEvaluator, SemanticEvaluator
 
 NUM_CLASSES, NUM_THINGS, QUERIES = 133, 80, 200
@@ -43,7 +43,7 @@ def synthetic_panoptic(
     rng: np.random.Generator, device: torch.device, orig=(480, 640), crop=(640, 640), segments=30
 ):
     """EoMT-shaped logits for one image whose confident queries tile it, and the matching ground truth."""
-    box = Letterbox(orig, fit_inside(orig, crop), crop)
+    box = letterbox(torch.zeros((3, *orig), dtype=torch.uint8), crop)  # where the image sits in the crop
     seeds = rng.random((segments, 2))
     labels = rng.integers(NUM_CLASSES, size=segments)
     cells = torch.from_numpy(nearest_seed(seeds, box.resized_size[0] // 4, box.resized_size[1] // 4)).to(
@@ -140,11 +140,12 @@ def main() -> None:
     model = RandomLogits(512, num_queries=100, num_classes=150).to(device)
     predictor = SemanticPredictor()
     images = [torch.randint(0, 256, (3, 512, 683), dtype=torch.uint8) for _ in range(args.images)]
+    inputs = [predictor.prepare(image, model.img_size) for image in images]  # the loader's workers' part
     targets = [{"image_id": i, "semantic": torch.randint(0, 150, (512, 683))} for i in range(args.images)]
     semantic_evaluator = SemanticEvaluator(num_classes=150)
 
     def semantic(i: int) -> None:
-        semantic_evaluator.update(predictor(model, [images[i]]), [targets[i]])
+        semantic_evaluator.update(predictor(model, [inputs[i]]), [targets[i]])
 
     sem = per_image_seconds(semantic, args.images, args.repeats, device)
     print(f"semantic 512 ({device}, 512x683 images, 2 windows each, random logits):")

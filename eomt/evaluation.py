@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,7 +102,8 @@ def evaluate(
     progress: bool = True,
     description: str = "eval",
 ) -> dict[str, Any]:
-    """Metrics of `model` on `loader` (batches of evaluation samples, `collate_eval`).
+    """Metrics of `model` on `loader` (batches of evaluation samples, `collate_eval`; samples with
+    an "input" prepared by the loader's workers skip the predictor's own preparation).
 
     With `per_block`, the result also holds "per_block": {i: metrics of the prediction made
     before query block i} (the model must be built with masked attention, which makes them).
@@ -121,7 +123,8 @@ def evaluate(
         for samples in tqdm(
             loader, desc=description, disable=not (progress and distributed.is_main()), dynamic_ncols=True
         ):
-            per_point = predictor.predict(model, [s["image"] for s in samples], all_blocks=per_block)
+            inputs = [s.get("input", s["image"]) for s in samples]  # prepared by the loader, or raw
+            per_point = predictor.predict(model, inputs, all_blocks=per_block)
             if per_block and len(per_point) != len(block_evaluators) + 1:
                 raise ValueError(
                     f"the model made {len(per_point)} predictions, expected num_blocks + 1 = {len(block_evaluators) + 1}"
@@ -184,7 +187,10 @@ class Evaluation:
         masked_attn: bool = False,
         per_block: bool = False,
         precision: str = "fp32",
+        crop: Sequence[int] | None = None,
     ):
+        """`crop`: the network's input size; given, the loader's workers resize each image for the
+        network (PIL, as the release) so the accelerator gets it ready."""
         self.dataset = dataset
         self.predictor = predictor
         self.evaluator = evaluator
@@ -200,7 +206,9 @@ class Evaluation:
             dataset,
             batch_size=batch_size,
             sampler=ShardSampler(len(dataset)),
-            collate_fn=collate_eval,
+            collate_fn=collate_eval
+            if crop is None
+            else partial(collate_eval, prepare=partial(predictor.prepare, crop=tuple(crop))),
             num_workers=num_workers,
         )
 
@@ -223,6 +231,7 @@ class Evaluation:
             masked_attn=cfg.eval.masked_attn,
             per_block=cfg.eval.per_block,
             precision=cfg.eval.precision,
+            crop=tuple(cfg.model.img_size),
         )
 
     def run(

@@ -123,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     device = resolve_device(args.device)
     model = api.load(overrides, checkpoint).to(device)
     predictor = build_predictor(cfg.eval, task)
+    crop = tuple(cfg.model.img_size)
     writers = {
         "panoptic": lambda: CocoPanopticWriter(
             args.output,
@@ -151,10 +152,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 skipped.append(path)
                 continue
             name = output_name(path, args.input)
-            samples.append({"image": image, "image_id": name, "file_name": name})
+            # the same preparation as evaluation's loader (PIL BILINEAR resize, as the release)
+            network_input = predictor.prepare(image, crop=crop)
+            samples.append({"image": image, "input": network_input, "image_id": name, "file_name": name})
         if not samples:
             continue
-        predictions = predictor(model, [s["image"] for s in samples])
+        predictions = predictor(model, [s["input"] for s in samples])
         writer(predictions, samples)
         for prediction, sample in zip(predictions, samples, strict=True):
             overlay = overlay_prediction(task, sample["image"], prediction, None, class_names)

@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
+from eomt.data.collate import collate_eval
 from eomt.inference import InstancePredictor, PanopticPredictor, SemanticPredictor
 from eomt.inference.resize import (
-    Window,
-    WindowLayout,
     cover,
     fit_inside,
-    letterbox_batch,
+    letterbox,
     merge_windows,
     sliding_windows,
     unletterbox,
     window_starts,
 )
-
-CPU = torch.device("cpu")
 
 
 def test_fit_inside_and_cover_sizes():
@@ -46,18 +47,74 @@ def test_window_starts_cover_the_length_with_evenly_split_overlap(window):
     assert window_starts(683, 512) == [0, 171]  # an ADE20K image at 512
 
 
+def pil_resized(image: torch.Tensor, size) -> torch.Tensor:
+    """The release's resize, from PIL's documented API: Image.resize((w, h), Image.BILINEAR) on uint8."""
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.BILINEAR)
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+
+
+def random_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Smooth-ish random content, so resizing moves pixel values by more than rounding."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((1, 3, h // 4 + 2, w // 4 + 2), generator=g)
+    smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+    noise = torch.rand((3, h, w), generator=g) * 0.2
+    return ((smooth * 0.8 + noise) * 255).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("size", [(30, 50), (64, 20), (100, 37), (13, 71), (40, 40)])
+@pytest.mark.parametrize("crop", [(40, 40), (32, 48)])
+def test_letterbox_equals_the_pil_reference_pixel_for_pixel(size, crop):
+    image = random_image(*size, seed=size[0])
+    factor = min(crop[0] / size[0], crop[1] / size[1])  # the longer side fits, as the release
+    h, w = round(size[0] * factor), round(size[1] * factor)
+    expected = torch.zeros((3, *crop), dtype=torch.uint8)  # zero padding bottom/right
+    expected[:, :h, :w] = pil_resized(image, (h, w))
+    box = letterbox(image, crop)
+    assert box.crops.dtype == torch.uint8 and box.crops.shape == (1, 3, *crop)
+    assert torch.equal(box.crops[0], expected)
+    assert box.resized_size == (h, w) and box.orig_size == size
+
+
+def release_window_starts(length: int, window: int) -> list[int]:
+    """The release's float form: n windows, overlap split evenly, int() of each start."""
+    n = math.ceil(length / window)
+    overlap = n * window - length
+    per = overlap / (n - 1) if overlap > 0 else 0
+    return [int(j * (window - per)) for j in range(n)]
+
+
+@pytest.mark.parametrize(
+    "size, num_windows",
+    [((50, 50), 1), ((45, 70), 2), ((30, 75), 3), ((27, 100), 4), ((90, 30), 3), ((61, 33), 2)],
+)
+def test_sliding_windows_equal_the_pil_reference_pixel_for_pixel(size, num_windows):
+    crop = (32, 32)
+    image = random_image(*size, seed=size[1])
+    factor = max(crop[0] / size[0], crop[1] / size[1])  # the shorter side to the crop, as the release
+    scaled = (round(size[0] * factor), round(size[1] * factor))
+    reference = pil_resized(image, scaled)
+    long_axis = 1 if scaled[1] >= scaled[0] else 0
+    starts = release_window_starts(scaled[long_axis], crop[0])
+    assert len(starts) == num_windows
+    expected = [
+        reference[:, :, s : s + 32] if long_axis == 1 else reference[:, s : s + 32, :] for s in starts
+    ]
+    windows = sliding_windows(image, crop)
+    assert windows.crops.dtype == torch.uint8 and windows.resized_size == scaled
+    assert torch.equal(windows.crops, torch.stack(expected))
+
+
 def test_letterbox_round_trip_returns_the_image_and_no_padding():
-    torch.manual_seed(0)
     images = [
         torch.full((3, 30, 50), 200, dtype=torch.uint8),
         torch.full((3, 64, 20), 100, dtype=torch.uint8),
     ]
-    batch, boxes = letterbox_batch(images, (40, 40), CPU)
-    assert batch.shape == (2, 3, 40, 40)
+    boxes = [letterbox(image, (40, 40)) for image in images]
     assert boxes[0].resized_size == (24, 40) and boxes[1].resized_size == (40, 12)
-    assert (batch[0, :, 24:] == 0).all() and (batch[1, :, :, 12:] == 0).all()  # padded bottom / right
-    for image, row, box in zip(images, batch, boxes, strict=True):
-        back = unletterbox(row, box)
+    assert (boxes[0].crops[0, :, 24:] == 0).all() and (boxes[1].crops[0, :, :, 12:] == 0).all()
+    for image, box in zip(images, boxes, strict=True):
+        back = unletterbox(box.crops[0].float() / 255, box)
         assert back.shape == (3, *image.shape[-2:])
         assert torch.allclose(back, image.float() / 255, atol=1e-6)  # no padding bleeds in at the border
 
@@ -66,9 +123,9 @@ def test_letterbox_round_trip_of_a_smooth_image_at_a_quarter_resolution():
     h, w = 45, 70
     ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     image = (torch.stack([ys, xs, (ys + xs) / 2]) * 255).round().to(torch.uint8)
-    batch, boxes = letterbox_batch([image], (64, 64), CPU)
-    quarter = F.avg_pool2d(batch, 4)[0]  # what a network at 1/4 resolution sees
-    back = unletterbox(quarter, boxes[0])
+    box = letterbox(image, (64, 64))
+    quarter = F.avg_pool2d(box.crops.float() / 255, 4)[0]  # what a network at 1/4 resolution sees
+    back = unletterbox(quarter, box)
     inner = (slice(None), slice(4, -4), slice(4, -4))  # the last quarter-pixel row touches the padding
     assert (back[inner] - image[inner].float() / 255).abs().max() < 0.03
 
@@ -81,19 +138,16 @@ def test_sliding_windows_cover_the_image_and_merging_averages_overlaps():
         .remainder(256)
         .to(torch.uint8)
     )
-    windows, layout = sliding_windows([image], (16, 16), CPU)
-    assert [w.left for w in layout.windows] == [0, 10, 21] and windows.shape == (3, 3, 16, 16)
+    windows = sliding_windows(image, (16, 16))
+    assert [left for _, left in windows.origins] == [0, 10, 21] and windows.crops.shape == (3, 3, 16, 16)
     # the windows hold the image itself (its shorter side already equals the crop)
-    for window, crop in zip(layout.windows, windows, strict=True):
-        assert torch.equal(crop, image[:, :, window.left : window.left + 16].float() / 255)
-    merged = merge_windows(windows, layout)[0]
+    for (_, left), crop in zip(windows.origins, windows.crops, strict=True):
+        assert torch.equal(crop, image[:, :, left : left + 16])
+    merged = merge_windows(windows.crops.float() / 255, windows)
     assert torch.allclose(merged, image.float() / 255, atol=1e-6)
     # window k scores k everywhere: overlaps read the mean of the windows covering them
-    layout2 = WindowLayout(
-        [Window(0, 0, 0), Window(0, 0, 10), Window(0, 0, 21)], [(16, 37)], [(16, 37)], (16, 16)
-    )
     scores = torch.arange(3.0)[:, None, None, None].expand(3, 1, 16, 16)
-    row = merge_windows(scores, layout2)[0][0, 0]
+    row = merge_windows(scores, windows)[0, 0]
     assert row[:10].eq(0).all() and row[10:16].eq(0.5).all() and row[16:21].eq(1).all()
     assert row[21:26].eq(1.5).all() and row[26:].eq(2).all()
 
@@ -101,9 +155,9 @@ def test_sliding_windows_cover_the_image_and_merging_averages_overlaps():
 def test_sliding_windows_of_a_large_image_are_scaled_then_resized_back():
     image = torch.zeros((3, 64, 160), dtype=torch.uint8)
     image[:, :, 80:] = 255
-    windows, layout = sliding_windows([image], (32, 32), CPU)
-    assert layout.scaled_sizes == [(32, 80)] and len(layout.windows) == 3
-    merged = merge_windows(windows, layout)[0]
+    windows = sliding_windows(image, (32, 32))
+    assert windows.resized_size == (32, 80) and len(windows.origins) == 3
+    merged = merge_windows(windows.crops.float() / 255, windows)
     assert merged.shape == (3, 64, 160)
     assert merged[:, :, :70].max() < 0.05 and merged[:, :, 90:].min() > 0.95
 
@@ -201,3 +255,38 @@ def test_semantic_predictor_in_steps_matches_one_pass():
     one = SemanticPredictor()(model, images)[0]["semantic"]
     stepped = SemanticPredictor(windows_per_step=1)(model, images)[0]["semantic"]
     assert torch.equal(one, stepped)
+
+
+class Recorder(StandInEoMT):
+    """The stand-in network, keeping the batches it was given."""
+
+    def __init__(self, img_size):
+        super().__init__(img_size=img_size)
+        self.batches = []
+
+    def forward(self, images):
+        self.batches.append(images.clone())
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("predictor", [PanopticPredictor(thing_classes=[0]), SemanticPredictor()])
+def test_the_network_sees_the_pil_pixels_whether_prepared_by_the_loader_or_not(predictor):
+    samples = [{"image": random_image(45, 70, seed=1)}, {"image": random_image(90, 30, seed=2)}]
+    crop = (32, 32)
+    model = Recorder(crop)
+    raw = predictor(model, [s["image"] for s in samples])
+    # as eomt.validation builds its loader: the inputs are made in a worker process
+    collate = partial(collate_eval, prepare=partial(predictor.prepare, crop=crop))
+    (batch,) = DataLoader(samples, batch_size=2, collate_fn=collate, num_workers=1)
+    prepared = predictor(model, [s["input"] for s in batch])
+    expected = torch.cat([predictor.prepare(s["image"], crop).crops for s in samples]).float() / 255
+    assert torch.equal(model.batches[0], expected) and torch.equal(model.batches[1], expected)
+    for a, b in zip(raw, prepared, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    assert all(torch.equal(s["image"], b["image"]) for s, b in zip(samples, batch, strict=True))
+
+
+def test_inputs_prepared_at_another_crop_are_refused():
+    inputs = [letterbox(halves(32, 32, 0, 1), (48, 48))]
+    with pytest.raises(ValueError, match="img_size"):
+        PanopticPredictor(thing_classes=[0])(StandInEoMT(img_size=(32, 32)), inputs)

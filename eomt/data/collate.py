@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -26,9 +28,16 @@ def collate_train(batch: list[dict]) -> tuple[torch.Tensor, list[dict]]:
     return images, targets
 
 
-def collate_eval(batch: list[dict]) -> list[dict]:
-    """The untransformed samples as a list (their images differ in size)."""
-    return list(batch)
+def collate_eval(batch: list[dict], prepare: Callable[[torch.Tensor], object] | None = None) -> list[dict]:
+    """The untransformed samples as a list (their images differ in size).
+
+    With `prepare` (a predictor's `prepare` bound to the model's crop, e.g.
+    `partial(collate_eval, prepare=partial(predictor.prepare, crop=crop))`), each sample also gets
+    its network input under "input", made here, in the DataLoader's workers.
+    """
+    if prepare is None:
+        return list(batch)
+    return [{**sample, "input": prepare(sample["image"])} for sample in batch]
 
 
 def count_skipped(items: list[dict]) -> int:

@@ -1,10 +1,11 @@
-"""The training augmentation (REFERENCE §2).
+"""The training augmentation (REFERENCE §2), as the release's torchvision v2 transforms do it.
 
 Drop crowd segments; photometric jitter (optional); horizontal flip; large-scale jitter to the
-crop size; pad bottom/right to the crop; random crop; drop masks left empty; when none remains,
-draw the augmentation again. Random numbers come from torch's global generator, which DataLoader
-seeds per worker from the main process's seed (and eomt.data.sampler.SeededSamples per sample):
-a given seed and worker give the same samples.
+crop size (image: antialiased bilinear; masks: torch's legacy nearest); pad bottom/right to the
+crop; random crop; drop masks left empty; when none remains, draw the augmentation again (at most
+`max_draws` times, where the release has no bound: docs/differences.md). Random numbers come from
+torch's global generator, drawn in the release's order, which eomt.data.sampler.SeededSamples
+seeds per sample: a given seed gives the same samples, and the release's pixels for the same draws.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import torchvision.transforms.v2.functional as TF
 
 
 class ColorJitter:
-    """Brightness (additive), contrast, saturation and hue jitter, each applied with probability 0.5."""
+    """The release's photometric jitter, by torchvision's functional ops on uint8.
+
+    Brightness (multiplied by a factor in 1 +- `brightness_delta`/255); then, in an order drawn
+    with probability 0.5 each way, contrast before (saturation, hue) or after. Each of the four
+    ops fires with probability 0.5; factors are uniform in their ranges, hue in +-degrees/360 of
+    a turn in HSV. The draws come from torch's global generator in the release's order.
+    """
 
     def __init__(
         self,
@@ -27,21 +34,32 @@ class ColorJitter:
         saturation_range: Sequence[float] = (0.5, 1.5),
         hue_delta_degrees: float = 18.0,
     ):
-        self.brightness_delta = brightness_delta
+        self.brightness_range = (1 - brightness_delta / 255.0, 1 + brightness_delta / 255.0)
         self.contrast_range = tuple(contrast_range)
         self.saturation_range = tuple(saturation_range)
-        self.hue_delta = hue_delta_degrees / 360.0
+        self.hue_range = (-hue_delta_degrees / 360.0, hue_delta_degrees / 360.0)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = self.brightness(image)
         if _coin():
-            delta = _uniform(-self.brightness_delta, self.brightness_delta)
-            image = (image.float() + delta).round().clamp(0, 255).to(torch.uint8)
+            return self.saturation_and_hue(self.contrast(image))
+        return self.contrast(self.saturation_and_hue(image))
+
+    def brightness(self, image: torch.Tensor) -> torch.Tensor:
+        if _coin():
+            image = TF.adjust_brightness(image, _uniform(*self.brightness_range))
+        return image
+
+    def contrast(self, image: torch.Tensor) -> torch.Tensor:
         if _coin():
             image = TF.adjust_contrast(image, _uniform(*self.contrast_range))
+        return image
+
+    def saturation_and_hue(self, image: torch.Tensor) -> torch.Tensor:
         if _coin():
             image = TF.adjust_saturation(image, _uniform(*self.saturation_range))
         if _coin():
-            image = TF.adjust_hue(image, _uniform(-self.hue_delta, self.hue_delta))
+            image = TF.adjust_hue(image, _uniform(*self.hue_range))
         return image
 
 
@@ -95,17 +113,17 @@ class TrainTransform:
         }
 
     def _draw(self, image: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draw of jitter, flip, scale, pad and crop."""
+        """One draw of jitter, flip, scale, pad and crop (the release's torchvision v2 draws, in order)."""
         if self.color_jitter is not None:
             image = self.color_jitter(image)
-        flip = bool(torch.rand(()) < self.flip_prob)
+        flip = bool(torch.rand(1) < self.flip_prob)
         if flip:
             image = image.flip(-1)
         (h, w), (crop_h, crop_w) = image.shape[1:], self.crop_size
-        ratio = min(crop_h / h, crop_w / w) * _uniform(*self.scale_range)
-        new_h, new_w = max(1, int(h * ratio)), max(1, int(w * ratio))
-        top = int(torch.randint(0, max(new_h, crop_h) - crop_h + 1, ()))
-        left = int(torch.randint(0, max(new_w, crop_w) - crop_w + 1, ()))
+        new_h, new_w = _jittered_size(h, w, self.crop_size, self.scale_range)
+        # RandomCrop after padding to the crop draws an offset only along a side longer than the crop
+        top = int(torch.randint(0, new_h - crop_h + 1, ())) if new_h > crop_h else 0
+        left = int(torch.randint(0, new_w - crop_w + 1, ())) if new_w > crop_w else 0
         rows = _source_indices(top, crop_h, new_h, h)
         cols = _source_indices(left, crop_w, new_w, w)
         if flip:
@@ -121,12 +139,22 @@ class TrainTransform:
         return out_image, out_masks
 
 
+def _jittered_size(h: int, w: int, crop: Sequence[int], scale_range: Sequence[float]) -> tuple[int, int]:
+    """Large-scale jitter as torchvision's ScaleJitter computes it (float32, truncated): a uniform
+    scale times the one that fits the image inside the crop."""
+    scale = scale_range[0] + torch.rand(1) * (scale_range[1] - scale_range[0])
+    ratio = min(crop[0] / h, crop[1] / w) * scale
+    return max(1, int(h * ratio)), max(1, int(w * ratio))
+
+
 def _source_indices(start: int, length: int, resized: int, original: int) -> torch.Tensor:
-    """Source pixels that nearest-neighbour resizing (original -> resized, pixel centres aligned like
-    the image's resize) puts at positions start .. start + length of the resized image, clipped to
-    it: the masks are cropped and resized in one gather, never materialised at the resized size."""
+    """Source pixels that torch's legacy "nearest" resizing (original -> resized; what torchvision
+    resizes masks with) puts at positions start .. start + length of the resized image, clipped to
+    it: floor(position * (original / resized)) in float32. The masks are cropped and resized in
+    one gather, never materialised at the resized size."""
     positions = torch.arange(start, min(start + length, resized))
-    return ((2 * positions + 1) * original // (2 * resized)).clamp(max=original - 1)
+    scale = torch.tensor(original, dtype=torch.float32) / resized
+    return (positions.float() * scale).floor().long().clamp(max=original - 1)
 
 
 def _nonempty(masks: torch.Tensor) -> torch.Tensor:
@@ -139,4 +167,4 @@ def _coin() -> bool:
 
 
 def _uniform(low: float, high: float) -> float:
-    return float(low + (high - low) * torch.rand(()))
+    return torch.empty(1).uniform_(low, high).item()

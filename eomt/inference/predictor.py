@@ -1,9 +1,14 @@
 """Predictors: a batch of images of any sizes in, one prediction per image out, per task.
 
-`predictor(model, images)` runs the network once on the batch (on the model's device, under
-autocast when `precision` asks for it) and post-processes in float32. `predictor.predict(model,
-images, all_blocks=True)` returns one list per prediction point of the network (one per query
-block when masked attention is on, then the final one), for per-block metrics.
+`predictor.prepare(image, crop)` resizes a uint8 image (3,H,W) for the network on the CPU (the
+letterbox or the sliding windows of `eomt.inference.resize`, PIL's BILINEAR as the release):
+evaluation calls it in the data-loading workers (`eomt.data.collate.collate_eval`).
+`predictor(model, inputs)` takes those prepared inputs, or raw uint8 images which it prepares the
+same way at the model's crop, runs the network once on the batch (on the model's device, under
+autocast when `precision` asks for it) and post-processes in float32, back at each image's
+original size. `predictor.predict(model, inputs, all_blocks=True)` returns one list per
+prediction point of the network (one per query block when masked attention is on, then the
+final one), for per-block metrics.
 
 The network follows the `eomt.model.EoMT` contract: `model(images float (B,3,H,W) in [0,1]) ->
 (mask_logits list of (B,Q,H/4,W/4), class_logits list of (B,Q,C+1))` and `model.img_size`.
@@ -31,7 +36,14 @@ from eomt.inference.postprocess import (
     semantic_scores,
     thing_mask,
 )
-from eomt.inference.resize import letterbox_batch, merge_windows, resize_logits, sliding_windows, unletterbox
+from eomt.inference.resize import (
+    NetworkInput,
+    letterbox,
+    merge_windows,
+    resize_logits,
+    sliding_windows,
+    unletterbox,
+)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -48,26 +60,50 @@ def _crop_of(model: nn.Module) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+Input = NetworkInput | torch.Tensor  # prepared, or a raw uint8 image (3,H,W)
+
+
 class Predictor:
-    """Shared by the three tasks: autocast, forward, and the choice of prediction points."""
+    """Shared by the three tasks: input preparation, autocast, forward, the prediction points."""
 
     def __init__(self, precision: str = "fp32"):
         if precision not in AMP_DTYPES:
             raise ValueError(f"precision={precision} is not one of {'|'.join(AMP_DTYPES)}")
         self.precision = precision
 
-    def __call__(self, model: nn.Module, images: Sequence[torch.Tensor]) -> list[dict]:
-        """Final predictions for uint8 images (3,H,W)."""
-        return self.predict(model, images, all_blocks=False)[-1]
+    def prepare(self, image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
+        """uint8 image (3,H,W) -> the network input of this task at `crop` (CPU work)."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, inputs: Sequence[Input]) -> list[dict]:
+        """Final predictions for prepared inputs or uint8 images (3,H,W)."""
+        return self.predict(model, inputs, all_blocks=False)[-1]
 
     @torch.inference_mode()
     def predict(
-        self, model: nn.Module, images: Sequence[torch.Tensor], all_blocks: bool = False
+        self, model: nn.Module, inputs: Sequence[Input], all_blocks: bool = False
     ) -> list[list[dict]]:
         """Predictions per prediction point (only the final one unless `all_blocks`), per image."""
-        if len(images) == 0:
+        if len(inputs) == 0:
             return [[]]
-        return self._predict(model, images, all_blocks)
+        return self._predict(model, self._prepared(model, inputs), all_blocks)
+
+    def _prepared(self, model: nn.Module, inputs: Sequence[Input]) -> list[NetworkInput]:
+        crop = _crop_of(model)
+        prepared = [x if isinstance(x, NetworkInput) else self.prepare(x, crop) for x in inputs]
+        for x in prepared:
+            if x.crop != crop:
+                raise ValueError(
+                    f"inputs were prepared at crop {list(x.crop)} but the model's img_size is {list(crop)}; "
+                    "prepare them at the model's img_size"
+                )
+        return prepared
+
+    @staticmethod
+    def _batch(model: nn.Module, inputs: Sequence[NetworkInput]) -> torch.Tensor:
+        """The crops of all inputs as one float batch in [0,1] on the model's device."""
+        crops = torch.cat([x.crops for x in inputs])
+        return crops.to(_device_of(model), non_blocking=True).float() / 255.0
 
     def _forward(
         self, model: nn.Module, batch: torch.Tensor, all_blocks: bool
@@ -86,12 +122,19 @@ class Predictor:
         return points if all_blocks else points[-1:]
 
     def _predict(
-        self, model: nn.Module, images: Sequence[torch.Tensor], all_blocks: bool
+        self, model: nn.Module, inputs: Sequence[NetworkInput], all_blocks: bool
     ) -> list[list[dict]]:
         raise NotImplementedError
 
 
-class PanopticPredictor(Predictor):
+class LetterboxPredictor(Predictor):
+    """Instance and panoptic: each image is resized to fit the crop and padded (one crop per image)."""
+
+    def prepare(self, image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
+        return letterbox(image, crop)
+
+
+class PanopticPredictor(LetterboxPredictor):
     """Letterbox inference + Mask2Former's panoptic rule (`eomt.inference.postprocess`)."""
 
     def __init__(
@@ -106,8 +149,8 @@ class PanopticPredictor(Predictor):
         self.score_threshold = score_threshold
         self.overlap_threshold = overlap_threshold
 
-    def _predict(self, model, images, all_blocks):
-        batch, boxes = letterbox_batch(images, _crop_of(model), _device_of(model))
+    def _predict(self, model, boxes, all_blocks):
+        batch = self._batch(model, boxes)
         outputs = []
         for mask_logits, class_logits in self._forward(model, batch, all_blocks):
             num_classes = class_logits.shape[-1] - 1
@@ -126,15 +169,15 @@ class PanopticPredictor(Predictor):
         return outputs
 
 
-class InstancePredictor(Predictor):
+class InstancePredictor(LetterboxPredictor):
     """Letterbox inference + top-k (query, class) pairs, masks at logit > 0."""
 
     def __init__(self, topk: int = 100, precision: str = "fp32"):
         super().__init__(precision)
         self.topk = topk
 
-    def _predict(self, model, images, all_blocks):
-        batch, boxes = letterbox_batch(images, _crop_of(model), _device_of(model))
+    def _predict(self, model, boxes, all_blocks):
+        batch = self._batch(model, boxes)
         outputs = []
         for mask_logits, class_logits in self._forward(model, batch, all_blocks):
             predictions = []
@@ -153,9 +196,12 @@ class SemanticPredictor(Predictor):
         super().__init__(precision)
         self.windows_per_step = windows_per_step  # caps the network's batch (memory); None = all
 
-    def _predict(self, model, images, all_blocks):
+    def prepare(self, image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
+        return sliding_windows(image, crop)
+
+    def _predict(self, model, inputs, all_blocks):
         crop = _crop_of(model)
-        windows, layout = sliding_windows(images, crop, _device_of(model))
+        windows = self._batch(model, inputs)
         step = self.windows_per_step or len(windows)
         chunks = [
             self._forward(model, windows[i : i + step], all_blocks) for i in range(0, len(windows), step)
@@ -171,6 +217,7 @@ class SemanticPredictor(Predictor):
                             resize_logits(mask_logits[j : j + 1].float(), crop), class_logits[j : j + 1]
                         )
                     )
-            merged = merge_windows(torch.cat(per_window), layout)
+            per_image = torch.split(torch.cat(per_window), [len(x.crops) for x in inputs])
+            merged = [merge_windows(scores, x) for scores, x in zip(per_image, inputs, strict=True)]
             outputs.append([{"semantic": scores.argmax(0)} for scores in merged])
         return outputs

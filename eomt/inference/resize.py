@@ -4,7 +4,12 @@ Instance / panoptic ("letterbox"): scale so the image fits inside the crop (long
 bottom/right, run; logits are upsampled to the crop, the padding is cut, then they are resized to
 the original image. Semantic ("sliding windows"): scale so the image covers the crop (shorter
 side), cut crop-sized windows whose overlap is split evenly, average the windows' per-pixel
-scores where they overlap, resize back. Everything runs batched on the images' device.
+scores where they overlap, resize back.
+
+The pixels are resized as the release does, with PIL's BILINEAR on the uint8 image (its own
+antialiased fixed-point kernel; torch's interpolate gives other pixels). `letterbox` and
+`sliding_windows` run on the CPU, in the data-loading workers (`eomt.data.collate.collate_eval`)
+or wherever a caller prepares images; mapping outputs back runs on the logits' device.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 Size = tuple[int, int]
 
@@ -32,12 +39,14 @@ def cover(size: Sequence[int], crop: Sequence[int]) -> Size:
 
 
 def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """uint8 (3,H,W) -> float (3,h,w) in [0,1], resized like PIL's BILINEAR (antialiased) and
-    quantised back to 8 bits as the release does, so the network sees the same pixels."""
-    resized = F.interpolate(
-        image[None].float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
-    )
-    return resized[0].round().clamp(0, 255) / 255.0
+    """uint8 (3,H,W) -> uint8 (3,h,w) on the CPU, by PIL's `Image.resize(..., Image.BILINEAR)`."""
+    size = (int(size[0]), int(size[1]))
+    image = image.cpu()
+    if tuple(image.shape[-2:]) == size:
+        return image
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    resized = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1).contiguous()
 
 
 def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -52,31 +61,39 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Letterbox:
-    """Where one image sits in the padded crop."""
+class NetworkInput:
+    """One image made ready for the network: crop-sized uint8 windows and where they sit.
 
-    orig_size: Size
+    `crops` (N,3,*crop): the padded letterbox (N = 1) or the sliding windows; `origins`: the
+    (top, left) of each crop in the resized image; `resized_size`: the image after resizing;
+    `orig_size`: the image as stored (predictions are made at this size).
+    """
+
+    crops: torch.Tensor
+    origins: tuple[tuple[int, int], ...]
     resized_size: Size
-    crop: Size
+    orig_size: Size
+
+    @property
+    def crop(self) -> Size:
+        return int(self.crops.shape[-2]), int(self.crops.shape[-1])
 
 
-def letterbox_batch(
-    images: Sequence[torch.Tensor], crop: Sequence[int], device: torch.device
-) -> tuple[torch.Tensor, list[Letterbox]]:
-    """uint8 images (3,H,W) of any sizes -> float batch (B,3,*crop) in [0,1], zero-padded bottom/right."""
-    crop = (int(crop[0]), int(crop[1]))
-    batch = torch.zeros((len(images), 3, *crop), device=device)
-    boxes = []
-    for i, image in enumerate(images):
-        orig = (int(image.shape[-2]), int(image.shape[-1]))
-        resized = fit_inside(orig, crop)
-        batch[i, :, : resized[0], : resized[1]] = resize_image(image.to(device, non_blocking=True), resized)
-        boxes.append(Letterbox(orig, resized, crop))
-    return batch, boxes
+def _size(size: Sequence[int]) -> Size:
+    return int(size[0]), int(size[1])
 
 
-def unletterbox(logits: torch.Tensor, box: Letterbox) -> torch.Tensor:
-    """Network maps (N,h,w) of one image -> (N,H,W) at its original size."""
+def letterbox(image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
+    """uint8 image (3,H,W) -> the image resized to fit inside `crop`, zero-padded bottom/right."""
+    crop, orig = _size(crop), _size(image.shape[-2:])
+    resized_size = fit_inside(orig, crop)
+    padded = torch.zeros((1, 3, *crop), dtype=torch.uint8)
+    padded[0, :, : resized_size[0], : resized_size[1]] = resize_image(image, resized_size)
+    return NetworkInput(padded, ((0, 0),), resized_size, orig)
+
+
+def unletterbox(logits: torch.Tensor, box: NetworkInput) -> torch.Tensor:
+    """Network maps (N,h,w) of one letterboxed image -> (N,H,W) at its original size."""
     at_crop = resize_logits(logits, box.crop)
     return resize_logits(at_crop[:, : box.resized_size[0], : box.resized_size[1]], box.orig_size)
 
@@ -93,47 +110,26 @@ def window_starts(length: int, window: int) -> list[int]:
     return [j * (length - window) // (n - 1) for j in range(n)]
 
 
-@dataclass(frozen=True)
-class Window:
-    image: int  # index of the image in the batch
-    top: int
-    left: int
+def sliding_windows(image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
+    """uint8 image (3,H,W) -> uint8 crop-sized windows covering the image resized to cover `crop`."""
+    crop, orig = _size(crop), _size(image.shape[-2:])
+    resized_size = cover(orig, crop)
+    resized = resize_image(image, resized_size)
+    origins = tuple(
+        (top, left)
+        for top in window_starts(resized_size[0], crop[0])
+        for left in window_starts(resized_size[1], crop[1])
+    )
+    crops = torch.stack([resized[:, top : top + crop[0], left : left + crop[1]] for top, left in origins])
+    return NetworkInput(crops, origins, resized_size, orig)
 
 
-@dataclass(frozen=True)
-class WindowLayout:
-    windows: list[Window]
-    scaled_sizes: list[Size]  # each image after scaling to cover the crop
-    orig_sizes: list[Size]
-    crop: Size
-
-
-def sliding_windows(
-    images: Sequence[torch.Tensor], crop: Sequence[int], device: torch.device
-) -> tuple[torch.Tensor, WindowLayout]:
-    """uint8 images (3,H,W) -> float windows (N,3,*crop) in [0,1] covering every scaled image."""
-    crop = (int(crop[0]), int(crop[1]))
-    crops, windows, scaled_sizes, orig_sizes = [], [], [], []
-    for i, image in enumerate(images):
-        orig = (int(image.shape[-2]), int(image.shape[-1]))
-        scaled = cover(orig, crop)
-        resized = resize_image(image.to(device, non_blocking=True), scaled)
-        for top in window_starts(scaled[0], crop[0]):
-            for left in window_starts(scaled[1], crop[1]):
-                crops.append(resized[:, top : top + crop[0], left : left + crop[1]])
-                windows.append(Window(i, top, left))
-        scaled_sizes.append(scaled)
-        orig_sizes.append(orig)
-    return torch.stack(crops), WindowLayout(windows, scaled_sizes, orig_sizes, crop)
-
-
-def merge_windows(scores: torch.Tensor, layout: WindowLayout) -> list[torch.Tensor]:
-    """Per-window maps (N,C,*crop) -> per-image (C,H,W): overlaps averaged, resized to the original."""
-    channels = scores.shape[1]
-    sums = [scores.new_zeros((channels, *size)) for size in layout.scaled_sizes]
-    counts = [scores.new_zeros((1, *size)) for size in layout.scaled_sizes]
-    h, w = layout.crop
-    for window, window_scores in zip(layout.windows, scores, strict=True):
-        sums[window.image][:, window.top : window.top + h, window.left : window.left + w] += window_scores
-        counts[window.image][:, window.top : window.top + h, window.left : window.left + w] += 1
-    return [resize_logits(s / c, orig) for s, c, orig in zip(sums, counts, layout.orig_sizes, strict=True)]
+def merge_windows(scores: torch.Tensor, windows: NetworkInput) -> torch.Tensor:
+    """Per-window maps (N,C,*crop) of one image -> (C,H,W): overlaps averaged, resized to the original."""
+    sums = scores.new_zeros((scores.shape[1], *windows.resized_size))
+    counts = scores.new_zeros((1, *windows.resized_size))
+    h, w = windows.crop
+    for (top, left), window_scores in zip(windows.origins, scores, strict=True):
+        sums[:, top : top + h, left : left + w] += window_scores
+        counts[:, top : top + h, left : left + w] += 1
+    return resize_logits(sums / counts, windows.orig_size)
