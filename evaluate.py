@@ -2,6 +2,8 @@
 
     python evaluate.py experiment=coco_panoptic_vit_l_640 checkpoint=pytorch_model.bin dataset.root=/data/coco
     python evaluate.py experiment=demo checkpoint=outputs/demo     # a run directory: its newest checkpoint
+    python evaluate.py checkpoint=tue-mps/coco_panoptic_eomt_large_640 dataset.root=/data/coco  # a released
+        # model (docs/model_zoo.md), fetched through the Hugging Face cache; its preset unless experiment= is given
     torchrun --nproc_per_node 4 evaluate.py ...      # the images are split over the ranks
 
 Prints the metrics table (PQ/SQ/RQ, mIoU, or the AP set), writes metrics.json and the first
@@ -13,15 +15,15 @@ JSON, COCO results JSON, or label PNGs with the benchmark's label ids).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from eomt import distributed
+from eomt import distributed, model_zoo
 from eomt.api import load_model
-from eomt.checkpointing import resolve_checkpoint
 from eomt.inference.writers import prediction_writer, write_png
 from eomt.run_setup import check_config, one_line_errors, resolve_device, write_run_info
 from eomt.validation import METRICS_FILE, Validator
@@ -33,7 +35,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     check_config(cfg)
     device = resolve_device(cfg.trainer.device)
     distributed.init(device.type)
-    model = load_model(cfg.model, resolve_checkpoint(cfg.checkpoint)).to(device)
+    model = load_model(cfg.model, cfg.checkpoint).to(device)
     validator = Validator(cfg, device)
     writers = []
     if cfg.eval.write_predictions:
@@ -61,4 +63,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # A released checkpoint's preset is a choice of config groups, so it joins the overrides before Hydra composes.
+    sys.argv[1:] = model_zoo.with_preset(sys.argv[1:])
     main()

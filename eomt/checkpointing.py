@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eomt import model_zoo
 from eomt.atomic import atomic_open
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -86,7 +87,10 @@ class CheckpointManager:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint."""
+    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint;
+    a hub name (tue-mps/<repo>, hf://<org>/<repo>) -> its weights in the Hugging Face cache."""
+    if model_zoo.hub_repo(path) is not None:
+        return model_zoo.download(path)
     path = Path(path)
     if (path / "checkpoints").is_dir():  # a training run directory
         latest = CheckpointManager(path / "checkpoints").latest()
