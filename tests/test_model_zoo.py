@@ -155,3 +155,16 @@ def test_evaluate_reads_the_cache_named_by_the_environment(tmp_path, demo_model)
     )
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
     assert str(cache) in missing.stderr and "HF_HUB_OFFLINE=1" in missing.stderr
+
+
+def test_model_zoo_doc_lists_every_release_with_its_number_and_command():
+    rows = {
+        line.split("`")[1]: line
+        for line in (REPO_ROOT / "docs" / "model_zoo.md").read_text().splitlines()
+        if line.startswith("| [`")
+    }
+    assert set(rows) == set(model_zoo.RELEASES)
+    for repo_id, release in model_zoo.RELEASES.items():
+        assert f"| {release.value} {release.metric}" in rows[repo_id]
+        assert f"`python evaluate.py checkpoint={repo_id} dataset.root=" in rows[repo_id]
+        assert " ".join(f"`{o}`" for o in release.preset) in rows[repo_id]
