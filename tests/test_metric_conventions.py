@@ -149,7 +149,8 @@ def test_release_loses_the_stuff_of_an_image_whose_lowest_segment_is_crowd():
     pred_segments = []  # and a missed sky is no false negative there
     theirs = release_pq_stats(gt_map, gt_segments, np.zeros_like(gt_map), pred_segments)
     assert (
-        theirs[2, sky] == 0 and pq_image_stats(gt_map, gt_segments, np.zeros_like(gt_map), [], 8)[2, sky] == 1
+        theirs[2, sky] == 0
+        and pq_image_stats(gt_map, gt_segments, np.zeros_like(gt_map), [], NUM_CLASSES)[2, sky] == 1
     )
 
 
