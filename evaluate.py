@@ -64,5 +64,11 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     # A released checkpoint's preset is a choice of config groups, so it joins the overrides before Hydra composes.
-    sys.argv[1:] = model_zoo.with_preset(sys.argv[1:])
+    given = sys.argv[1:]
+    sys.argv[1:] = model_zoo.with_preset(given)
+    if added := [o for o in sys.argv[1:] if o not in given]:
+        print(
+            f"released checkpoint: its preset {' '.join(added)} (pass experiment= to choose another)",
+            flush=True,
+        )
     main()
