@@ -10,6 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from conftest import authors_release_state
+from omegaconf import OmegaConf
 
 from eomt import api, model_zoo
 from eomt.config import compose
@@ -91,11 +92,15 @@ def test_preset_is_chosen_from_the_name_unless_an_experiment_is_given():
 
 
 def test_every_release_names_a_preset_of_its_dataset_and_task():
+    """Read from the preset files (composing all of them is slow): dataset, task and backbone family."""
     for release in model_zoo.RELEASES.values():
-        cfg = compose(list(release.preset))
-        dataset = "ade" if cfg.dataset.name == "ade20k" else cfg.dataset.name
-        assert release.name.startswith(f"{dataset}") and f"_{cfg.task.name}_" in release.name, release
-        assert ("dinov3" in release.name) == ("dinov3" in cfg.model.backbone), release
+        overrides = dict(o.split("=") for o in release.preset)
+        experiment = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / f"{overrides['experiment']}.yaml")
+        groups = {k.removeprefix("override /"): v for d in experiment.defaults for k, v in d.items()}
+        groups.update({k: v for k, v in overrides.items() if k != "experiment"})
+        dataset = "ade" if groups["dataset"] == "ade20k" else groups["dataset"]
+        assert release.name.startswith(dataset) and f"_{groups['task']}_" in release.name, release
+        assert ("dinov3" in release.name) == groups["model"].startswith("dinov3"), release
 
 
 def test_checkpoint_and_config_mismatch_is_one_line_naming_both(hub_cache):
