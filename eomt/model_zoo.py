@@ -78,8 +78,8 @@ def hub_repo(checkpoint: str | Path) -> tuple[str, str | None] | None:
     """(repo id, revision) when `checkpoint` names a hub repo: `hf://org/repo[@rev]`, or
     `tue-mps/<repo>` that is not a local path; None for a local path."""
     text = str(checkpoint)
-    if text.startswith(HUB_SCHEME):
-        text = text.removeprefix(HUB_SCHEME)
+    if text.startswith("hf:/"):  # also hf:/org/repo, what Path() makes of hf://org/repo
+        text = text.removeprefix("hf:").lstrip("/")
     elif not (text.startswith(RELEASE_ORG + "/") and not Path(text).exists()):
         return None
     repo_id, _, revision = text.partition("@")
@@ -100,9 +100,10 @@ def with_preset(overrides: Sequence[str], checkpoint: str | Path | None = None) 
     `checkpoint=` override) for every key the user left out; unchanged when the user gave an experiment."""
     overrides = list(overrides)
     keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
-    at = next((i for i, o in enumerate(overrides) if o.startswith("checkpoint=")), 0)
-    if checkpoint is None and overrides[at : at + 1] and overrides[at].startswith("checkpoint="):
+    at = next((i for i, o in enumerate(overrides) if o.startswith("checkpoint=")), None)
+    if checkpoint is None and at is not None:
         checkpoint = overrides[at].partition("=")[2]
+    at = at or 0
     release = release_of(checkpoint)
     if release is None or "experiment" in keys:
         return overrides
@@ -135,8 +136,8 @@ def check_fits(checkpoint: str | Path, model_cfg: DictConfig, skip_class_head: b
     if any(expected[k] != v for k, v in got.items()):
         raise CheckpointError(
             f"checkpoint={checkpoint} is the network of `{' '.join(release.preset)}` ({_facts(expected, keys)}) "
-            f"but the config builds {_facts(model_cfg, keys)}: leave out experiment= to get the checkpoint's "
-            "preset, or pass a checkpoint of this network"
+            f"but the config builds {_facts(model_cfg, keys)}: pass `{' '.join(release.preset)}` (evaluate.py, "
+            "predict and eomt.api.load do when experiment= is left out), or a checkpoint of this network"
         )
 
 
@@ -146,6 +147,7 @@ def download(checkpoint: str | Path) -> Path:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -170,6 +172,11 @@ def download(checkpoint: str | Path) -> Path:
             raise CheckpointError(
                 f"checkpoint={checkpoint}: no such repo or revision on the Hugging Face hub; "
                 "check the name (docs/model_zoo.md lists the released ones)"
+            ) from e
+        except (HfHubHTTPError, OSError) as e:  # the hub answered with an error, or the disk did
+            reason = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointError(
+                f"checkpoint={checkpoint}: fetching {filename} failed ({reason}); retry"
             ) from e
         if filename.endswith(".index.json"):
             for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
