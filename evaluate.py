@@ -2,6 +2,8 @@
 
     python evaluate.py experiment=coco_panoptic_vit_l_640 checkpoint=pytorch_model.bin dataset.root=/data/coco
     python evaluate.py experiment=demo checkpoint=outputs/demo     # a run directory: its newest checkpoint
+    python evaluate.py checkpoint=tue-mps/coco_panoptic_eomt_large_640 dataset.root=/data/coco  # a released
+        # model (docs/model_zoo.md), fetched through the Hugging Face cache; its preset unless experiment= is given
     torchrun --nproc_per_node 4 evaluate.py ...      # the images are split over the ranks
 
 Prints the metrics table (PQ/SQ/RQ, mIoU, or the AP set), writes metrics.json and the first
@@ -13,15 +15,15 @@ JSON, COCO results JSON, or label PNGs with the benchmark's label ids).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from eomt import distributed
+from eomt import distributed, model_zoo
 from eomt.api import load_model
-from eomt.checkpointing import resolve_checkpoint
 from eomt.config import check_config
 from eomt.device import resolve_device
 from eomt.errors import user_errors
@@ -36,7 +38,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     check_config(cfg)
     device = resolve_device(cfg.trainer.device)
     distributed.init(device.type)
-    model = load_model(cfg.model, resolve_checkpoint(cfg.checkpoint)).to(device)
+    model = load_model(cfg.model, cfg.checkpoint).to(device)
     evaluation = Evaluation.from_config(cfg, device)
     writers = []
     if cfg.eval.write_predictions:
@@ -64,4 +66,12 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # A released checkpoint's preset is a choice of config groups, so it joins the overrides before Hydra composes.
+    given = sys.argv[1:]
+    sys.argv[1:] = model_zoo.with_preset(given)
+    if added := [o for o in sys.argv[1:] if o not in given]:
+        print(
+            f"released checkpoint: its preset {' '.join(added)} (pass experiment= to choose another)",
+            flush=True,
+        )
     main()

@@ -1,6 +1,7 @@
 """Load a ready-to-run EoMT network from a config and a checkpoint, outside any training script.
 
 net = eomt.api.load(["model=vit_l", "dataset=coco"], checkpoint="pytorch_model.bin")
+net = eomt.api.load(checkpoint="tue-mps/coco_panoptic_eomt_large_640")  # a released model and its preset
 """
 
 from collections.abc import Sequence
@@ -9,24 +10,31 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import nn
 
+from eomt import model_zoo
+from eomt.checkpointing import resolve_checkpoint
 from eomt.config import compose
 from eomt.model import build_model, load_checkpoint, read_checkpoint
 
 
 def load(overrides: Sequence[str] = (), checkpoint: str | Path | None = None) -> nn.Module:
-    """The network of the composed config (default model vit_l, dataset coco) in eval mode.
+    """The network of the composed config (default model vit_l, dataset coco; a released checkpoint's
+    preset where no experiment is given) in eval mode.
 
     With a checkpoint the backbone's pretrained weights are not fetched, except for the DINOv3 delta
     checkpoints that are stored relative to them.
     """
-    return load_model(compose(list(overrides)).model, checkpoint)
+    return load_model(compose(model_zoo.with_preset(overrides, checkpoint)).model, checkpoint)
 
 
 def load_model(
     model_cfg: DictConfig, checkpoint: str | Path | None = None, skip_class_head: bool = False
 ) -> nn.Module:
-    """`load` for an already composed `cfg.model` (what evaluate.py and fine-tuning have)."""
-    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+    """`load` for an already composed `cfg.model` (what evaluate.py and fine-tuning have). The
+    checkpoint: a file, a Transformers folder, a run directory or a hub name (eomt.model_zoo)."""
+    ckpt = None
+    if checkpoint is not None:
+        model_zoo.check_fits(checkpoint, model_cfg, skip_class_head)
+        ckpt = read_checkpoint(resolve_checkpoint(checkpoint))
     if ckpt is not None and not ckpt.needs_pretrained_backbone:
         model_cfg = model_cfg.copy()
         model_cfg.pretrained = False

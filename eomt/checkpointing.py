@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eomt import distributed
+from eomt import distributed, model_zoo
 from eomt.atomic import atomic_open
 from eomt.errors import CheckpointError, ConfigError
 from eomt.model.weight_formats import load_weights_only
@@ -140,7 +140,10 @@ def _set_aside(path: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint."""
+    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint;
+    a hub name (tue-mps/<repo>, hf://<org>/<repo>) -> its weights in the Hugging Face cache."""
+    if model_zoo.hub_repo(path) is not None:
+        return model_zoo.download(path)
     path = Path(path)
     if (path / "checkpoints").is_dir():  # a training run directory
         latest = CheckpointManager(path / "checkpoints", clean_up=False).latest()

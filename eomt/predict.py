@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eomt import api
+from eomt import api, model_zoo
 from eomt.atomic import write_json
-from eomt.checkpointing import resolve_checkpoint
 from eomt.config import check_config, compose
 from eomt.device import resolve_device
 from eomt.errors import ConfigError, DataError, user_errors
@@ -52,7 +51,7 @@ USAGE = (
 
 @dataclass
 class PredictArgs:
-    checkpoint: Path
+    checkpoint: str  # a path, run directory or hub name (kept a string: Path would fold hf://)
     input: Path
     output: Path
     device: str = "auto"
@@ -78,7 +77,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
     if not batch_size.isdigit() or int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")
     args = PredictArgs(
-        checkpoint=Path(own["checkpoint"]),
+        checkpoint=own["checkpoint"],
         input=Path(own["input"]),
         output=Path(own["output"]),
         device=own.get("device", "auto"),
@@ -112,7 +111,7 @@ def output_name(path: Path, root: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    overrides = model_zoo.with_preset(overrides, args.checkpoint)
     cfg = compose(overrides)
     check_config(cfg)
     task = cfg.task.name
@@ -121,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = find_images(args.input)
 
     device = resolve_device(args.device)
-    model = api.load(overrides, checkpoint).to(device)
+    model = api.load(overrides, args.checkpoint).to(device)
     predictor = build_predictor(cfg.eval, task)
     crop = tuple(cfg.model.img_size)
     writers = {
