@@ -294,6 +294,7 @@ class Trainer:
                     self.validate(writer)
             if self.validated_at != self.step:
                 self.validate(writer)  # the final model is always evaluated
+            distributed.check_replicas(self.model)
             self.finish(writer)
         finally:
             self.preemption.uninstall()
