@@ -269,10 +269,12 @@ def test_time_limits_requeue_and_resume_to_an_uninterrupted_runs_weights(slurm_e
         stderr=subprocess.DEVNULL,
     )
     try:
-        run_dirs = [sbatch_dir, sweep_dir / "0_seed=0", sweep_dir / "1_seed=1"]
-        wait_until(
-            env, "all three training loops", lambda: all(loop_running(d) for d in run_dirs), timeout=300
-        )
+
+        def loops_running() -> bool:
+            runs = [sbatch_dir, *sweep_dir.glob("[01]_*")]
+            return len(runs) == 3 and all(loop_running(d) for d in runs)
+
+        wait_until(env, "all three training loops", loops_running, timeout=300)
         jobs = running_jobs(env)
         assert len(jobs) == 3, jobs
         for job in jobs:
@@ -299,7 +301,8 @@ def test_time_limits_requeue_and_resume_to_an_uninterrupted_runs_weights(slurm_e
 
     # The sweep: two runs, each requeued by submitit, both read by the report.
     runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name for p in runs] == ["0_seed=0", "1_seed=1"]
+    assert [p.name.split(",")[0] for p in runs] == ["0_eval.every_epochs=1000", "1_eval.every_epochs=1000"]
+    assert ["seed=0" in p.name for p in runs] == [True, False]
     for run in runs:
         assert "resumed from" in log_of(run), f"{run.name} was not interrupted by the time limit"
     assert_same_weights(final_weights(runs[0]), final_weights(reference_dir), "launcher run vs uninterrupted")
@@ -429,13 +432,12 @@ def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tm
         text=True,
     )
     try:
-        launcher_run = sweep_dir / "0_"
-        wait_until(
-            env,
-            "both training loops",
-            lambda: loop_running(sbatch_dir) and loop_running(launcher_run),
-            timeout=300,
-        )
+
+        def loops_running() -> bool:
+            return loop_running(sbatch_dir) and any(loop_running(d) for d in sweep_dir.glob("0_*"))
+
+        wait_until(env, "both training loops", loops_running, timeout=300)
+        (launcher_run,) = sweep_dir.glob("0_*")
         for job in running_jobs(env):
             assert job_info(env, job)["NodeList"] == "n[1-2]"
             sh(env, "scancel", "--signal=USR2", job)  # to every task of the job's steps
