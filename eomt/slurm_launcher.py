@@ -4,17 +4,18 @@ submitit follows its jobs with `sacct`. Where accounting is disabled (`Accountin
 accounting_storage/none`, common on small clusters) every poll fails: it prints "Slurm accounting
 storage is disabled" plus a warning, all through the sweep, and a job that dies without writing its
 result is never seen to end, so the launching command waits forever. There this launcher follows the
-jobs with `squeue` instead; everything else is the plugin's (`hydra/launcher=slurm` selects it).
+jobs with `squeue` instead (`following_jobs_with_squeue`); everything else is the plugin's. Hydra only
+loads launchers from the `hydra_plugins` package: hydra_plugins/eomt_slurm_launcher holds the class that
+`hydra/launcher=slurm` selects.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,16 @@ class SqueueWatcher(SlurmInfoWatcher):
         return info
 
 
-class SlurmLauncher(submitit_launcher.SlurmLauncher):
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        if accounting_enabled():
-            return super().launch(job_overrides, initial_job_idx)
-        log.info("SLURM accounting is disabled on this cluster: following the jobs with squeue")
-        default = SlurmJob.watcher
-        SlurmJob.watcher = SqueueWatcher(delay_s=default._delay_s)
-        try:
-            return super().launch(job_overrides, initial_job_idx)
-        finally:
-            SlurmJob.watcher = default
+@contextmanager
+def following_jobs_with_squeue() -> Iterator[None]:
+    """While inside, submitit's SLURM jobs are followed with squeue (where accounting is off; else as is)."""
+    if accounting_enabled():
+        yield
+        return
+    log.info("SLURM accounting is disabled on this cluster: following the jobs with squeue")
+    default = SlurmJob.watcher
+    SlurmJob.watcher = SqueueWatcher(delay_s=default._delay_s)
+    try:
+        yield
+    finally:
+        SlurmJob.watcher = default
