@@ -486,6 +486,7 @@ def train(run: Run) -> None:
                     record, validated_at = validate(run, done, writer), done
         if validated_at != run.last_step:
             record = validate(run, run.last_step, writer)  # the final model is always evaluated
+        distributed.check_replicas(run.model)  # logs whether every rank ends with the same weights
         log_hparams_row(run, writer, record, run.last_step)
     finally:
         preemption.uninstall()

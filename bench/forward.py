@@ -7,6 +7,7 @@ is off unless an override turns it on (`model.masked_attn=true`): that is how Eo
 """
 
 import argparse
+import json
 
 import torch
 
@@ -30,6 +31,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network first")
+    parser.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune (CUDA graphs included)"
+    )
+    parser.add_argument("--json", help="also write the measurement to this JSON file")
     parser.add_argument("--iters", type=int, default=20, help="timed forward passes")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes (compilation included)")
     return parser.parse_intermixed_args()
@@ -46,7 +51,7 @@ def main() -> None:
 
     with autocast:
         gflops = gflops_per_image(model, images)
-        network = torch.compile(model) if args.compile else model
+        network = torch.compile(model, mode=args.compile_mode) if args.compile else model
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rate = images_per_second(network, images, args.iters, args.warmup)
@@ -57,8 +62,25 @@ def main() -> None:
         f"{device.type}{' compiled' if args.compile else ''} masked_attn={model.masked_attn}: "
         f"{params:.1f}M params, {gflops:.1f} GFLOPs/image, {rate:.3g} images/s"
     )
-    if device.type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if peak is not None:
+        print(f"peak memory {peak:.2f} GiB")
+    if args.json:
+        record = dict(
+            model=cfg.model.name,
+            img_size=list(model.img_size),
+            batch=args.batch,
+            dtype=args.dtype,
+            device=device.type,
+            compile=(args.compile_mode or "default") if args.compile else "off",
+            masked_attn=bool(model.masked_attn),
+            params_m=params,
+            gflops=gflops,
+            images_per_s=rate,
+            peak_memory_gib=peak,
+        )
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

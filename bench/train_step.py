@@ -10,6 +10,7 @@ Compile on/off are measured side by side in one run (`--compile both`), so their
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(AMP_DTYPES), default="bf16")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args()
     cfg = compose([*args.overrides, "model.pretrained=false"])
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -92,9 +94,25 @@ def main() -> None:
         f"model={cfg.model.name} crop={list(cfg.model.img_size)} batch={args.batch} device={args.device} dtype={args.dtype}"
     )
     print("| compile | images/s | peak GPU memory (GiB) |\n|---|---|---|")
+    records = []
     for compiled in modes:
         rate, peak = measure(cfg, args, compiled)
         print(f"| {compiled} | {rate:.2f} | {peak:.2f} |")
+        records.append(
+            dict(
+                model=cfg.model.name,
+                img_size=list(cfg.model.img_size),
+                batch=args.batch,
+                dtype=args.dtype,
+                device=args.device,
+                compile=compiled,
+                images_per_s=rate,
+                peak_memory_gib=None if peak != peak else peak,  # NaN off CUDA
+            )
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Order of precedence in `detect()`:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -272,6 +273,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def check_replicas(module: torch.nn.Module) -> bool:
+    """Compare every rank's parameters and buffers bit for bit (DDP keeps them equal); log the outcome on rank 0.
+
+    Collective: every rank calls it. Returns True when all ranks agree (always in a single process).
+    """
+    if not is_initialized():
+        return True
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = all_gather_object(digest.hexdigest())
+    agree = len(set(digests)) == 1
+    if is_main():
+        if agree:
+            log.info("parameters identical on all %d ranks (sha256 %s)", len(digests), digests[0][:16])
+        else:
+            log.warning("parameters DIFFER across ranks: %s", ", ".join(d[:16] for d in digests))
+    return agree
 
 
 def cleanup() -> None:

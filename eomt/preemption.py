@@ -116,11 +116,16 @@ class PreemptionHandler:
         for sig in _REASONS:
             if sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        # SLURM sends SIGCONT with every SIGTERM; inside submitit that handler only logs (see _quiet).
+        if signal.SIGCONT not in self._previous:
+            previous = signal.getsignal(signal.SIGCONT)
+            if _quiet(previous) is not previous:
+                self._previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, _quiet(previous))
 
     def uninstall(self) -> None:
-        """Give the signals back to whoever had them before `install()`."""
+        """Give the signals back to whoever had them before `install()` (submitit's, without its logging)."""
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            signal.signal(sig, _quiet(previous) if previous is not None else signal.SIG_DFL)
         self._previous.clear()
         if self._sigchld is not None:
             signal.signal(signal.SIGCHLD, self._sigchld)
@@ -262,6 +267,18 @@ def ignore_in_dataloader_worker(worker_id: int) -> None:
     """
     for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    pass
+
+
+def _quiet(handler: Handler) -> Handler:
+    """`handler`, unless it is submitit's `bypass`, which ignores SIGTERM/SIGCONT but logs a line from
+    inside the signal handler: a signal landing while the main thread writes a log line then prints a
+    "reentrant call inside <_io.BufferedWriter>" traceback. It becomes a silent ignore."""
+    is_bypass = getattr(handler, "__name__", "") == "bypass"
+    return _ignore if is_bypass and getattr(handler, "__module__", "").startswith("submitit") else handler
 
 
 def _submitit_signal() -> signal.Signals:

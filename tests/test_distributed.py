@@ -184,3 +184,23 @@ def test_two_ranks_from_a_slurm_step_join_over_gloo(tmp_path):
         assert res["gathered"] == ["r0", "r1"]
         assert res["broadcast"] == {"from": 0}
         assert (res["all_true"], res["all_true_tensor"], res["max"]) == (False, True, 10.0)
+
+
+def _replica_rank(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    same = distributed.check_replicas(model)
+    with torch.no_grad():
+        model.bias[0] += rank * 1e-6  # one rank drifts
+    drifted = distributed.check_replicas(model)
+    torch.distributed.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(f"{same} {drifted}")
+
+
+def test_check_replicas_tells_identical_from_drifted_parameters(tmp_path):
+    assert distributed.check_replicas(torch.nn.Linear(3, 2))  # a single process agrees with itself
+    mp.spawn(_replica_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["True False"] * 2

@@ -515,3 +515,27 @@ def test_sbatch_script_requeues_itself_and_starts_one_rank_per_task_with_srun(tm
     requeue, cpus, cwd, args = record.read_text().strip().split("|")
     assert (requeue, cpus, cwd) == ("1", "16", str(ROOT))
     assert args == "--kill-on-bad-exit=1 python3 train.py experiment=demo name=my run"
+
+
+def test_submitit_signals_that_only_log_are_ignored_silently(monkeypatch):
+    """submitit's SIGTERM/SIGCONT handler logs from inside the signal handler ("reentrant call" tracebacks)."""
+    from submitit.core.job_environment import SignalHandler
+
+    submitit_handler = SignalHandler(env=None, job_paths=None, delayed=None)
+    logged = []
+    monkeypatch.setattr(submitit_handler, "_logger", type("L", (), {"warning": logged.append})())
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGCONT)}
+    try:
+        for sig in saved:
+            signal.signal(sig, submitit_handler.bypass)
+        handler = PreemptionHandler()
+        handler.install()
+        os.kill(os.getpid(), signal.SIGCONT)
+        handler.uninstall()
+        os.kill(os.getpid(), signal.SIGTERM)  # submitit's choice stays: the process keeps running
+        os.kill(os.getpid(), signal.SIGCONT)
+        assert logged == []
+        assert handler.reason == StopReason.NONE
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)

@@ -1,0 +1,1 @@
+"""eomt's Hydra launcher plugin (Hydra loads launchers only from the hydra_plugins package)."""

@@ -1,0 +1,33 @@
+"""eomt's SLURM launcher on clusters without accounting: job states from squeue instead of sacct."""
+
+import os
+
+from eomt.slurm_launcher import LEFT_QUEUE, SqueueWatcher, accounting_enabled
+
+
+def test_squeue_rows_give_job_states_and_jobs_gone_from_the_queue_have_ended():
+    watcher = SqueueWatcher(delay_s=60)
+    for job_id in ("41_0", "41_1", "42", "43"):
+        watcher.register_job(job_id)
+    assert watcher._make_command()[0] == "squeue"
+    info = watcher.read_info(b"41_0|RUNNING|n1\n41_1|PENDING|\n42|COMPLETED|n2\n")
+    assert {k: v["State"] for k, v in info.items()} == {
+        "41_0": "RUNNING",
+        "41_1": "PENDING",
+        "42": "COMPLETED",
+        "43": LEFT_QUEUE,  # not listed any more: ended; its result file (or its absence) tells how
+    }
+
+
+def test_accounting_is_read_from_scontrol(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    scontrol.write_text("#!/bin/sh\necho 'AccountingStorageType   = accounting_storage/none'\n")
+    scontrol.chmod(0o755)
+    assert not accounting_enabled()
+    scontrol.write_text("#!/bin/sh\necho 'AccountingStorageType   = accounting_storage/slurmdbd'\n")
+    assert accounting_enabled()
+    scontrol.write_text("#!/bin/sh\nexit 1\n")  # no cluster configured: keep submitit's sacct
+    assert accounting_enabled()
