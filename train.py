@@ -432,6 +432,13 @@ def log_hparams_row(run: Run, writer: SummaryWriter | None, record: dict[str, An
     log_hparams(writer, run.hparams, metrics, step=step)
 
 
+def stop_after_saving(preemption: PreemptionHandler, progress: tqdm, checkpoint: Path, step: int) -> None:
+    """A stop signal was agreed and the state saved: exit (0, or 130 after Ctrl-C), requeueing where asked."""
+    log.info("preemption signal: checkpoint written at step %d, exiting", step)
+    progress.close()  # the stop line stays the last line on stderr
+    preemption.finish(checkpoint)
+
+
 # --- the loop -------------------------------------------------------------------------------------
 def train(run: Run) -> None:
     cfg, data = run.cfg, run.data
@@ -462,8 +469,7 @@ def train(run: Run) -> None:
         for step in range(start, run.last_step):
             micro_batches = preemption.next_batches(batches, data.accum)
             if micro_batches is None:  # a stop signal came first (or killed the loader's workers)
-                progress.close()
-                preemption.finish(save(run, step))
+                stop_after_saving(preemption, progress, save(run, step), step)
             skipped_files += sum(count_skipped(targets) for _, targets in micro_batches)
             run.lr_at(step)
             if run.annealing is not None:
@@ -476,8 +482,7 @@ def train(run: Run) -> None:
             if done % cfg.trainer.ckpt_every_steps == 0 or done == run.last_step or stop:
                 path = save(run, done)
             if stop:
-                progress.close()  # the stop line stays the last line on stderr
-                preemption.finish(path)
+                stop_after_saving(preemption, progress, path, done)
             epoch, step_in_epoch = divmod(done, data.steps_per_epoch)
             if step_in_epoch == 0:  # an epoch ended
                 report_skipped_files(run, skipped_files, epoch - 1, done, writer)

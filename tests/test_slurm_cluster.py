@@ -371,15 +371,14 @@ def test_scancel_saves_at_the_step_boundary_and_stays_cancelled(slurm_env, tmp_p
         overrides=[
             "trainer.max_steps=500",
             "trainer.ckpt_every_steps=100000",
-            "trainer.num_workers=0",
+            "trainer.num_workers=2",
             *NO_EVAL,
             f"hydra.run.dir={run_dir}",
         ],
     )
     wait_until(env, "the training loop", lambda: loop_running(run_dir), timeout=300)
     time.sleep(2)
-    # SIGTERM to every process of the step. (With DataLoader workers the main process sees them die
-    # first: eomt.preemption's SIGTERM handling with workers is issue 12's.)
+    # SIGTERM to every process of the step, the DataLoader workers included: they may die first.
     sh(env, "scancel", job_id)
     info = wait_for_end(env, job_id)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
