@@ -155,16 +155,17 @@ class InferenceNetwork(nn.Module):
         return mask_logits[-1], class_logits[-1]
 
 
-def _example_input(metadata: ExportMetadata) -> tuple[Tensor, dict]:
+def _example_input(network: nn.Module, metadata: ExportMetadata) -> tuple[Tensor, dict]:
     # Two images: a batch of 1 would let the exporter specialise the batch dimension.
-    images = torch.zeros(2, 3, *metadata.img_size, dtype=INPUT_DTYPES[metadata.input_dtype])
+    device = next(network.parameters()).device
+    images = torch.zeros(2, 3, *metadata.img_size, dtype=INPUT_DTYPES[metadata.input_dtype], device=device)
     return images, {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
 
 
 def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) -> None:
     require("onnxscript", "ONNX export")
     require("onnx", "ONNX export")
-    images, dynamic = _example_input(metadata)
+    images, dynamic = _example_input(network, metadata)
     program = torch.onnx.export(
         network,
         (images,),
@@ -186,7 +187,7 @@ def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) 
 
 
 def export_pt2(network: InferenceNetwork, metadata: ExportMetadata, out: Path) -> None:
-    images, dynamic = _example_input(metadata)
+    images, dynamic = _example_input(network, metadata)
     program = torch.export.export(network, (images,), dynamic_shapes=dynamic)
     with atomic_open(out, "wb") as f:
         torch.export.save(program, f, extra_files={PT2_METADATA_FILE: json.dumps(asdict(metadata))})
@@ -205,7 +206,7 @@ def export(model: nn.Module, metadata: ExportMetadata, out: str | Path, format: 
         )
     if metadata.input_dtype not in INPUT_DTYPES:
         raise ConfigError(f"input_dtype={metadata.input_dtype} is not one of {'|'.join(INPUT_DTYPES)}")
-    network = InferenceNetwork(model.cpu().float()).eval()
+    network = InferenceNetwork(model).eval()
     EXPORTERS[format](network, metadata, out)
     return out
 
