@@ -65,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20, help="timed forward passes per runtime and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes (compilation included)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument(
+        "--profile", action="store_true", help="print each PyTorch runtime's top operators (torch.profiler)"
+    )
     return parser.parse_intermixed_args()
 
 
@@ -118,6 +121,18 @@ def build_runtimes(args, cfg, model: nn.Module, folder: Path) -> dict[str, Calla
     return runtimes
 
 
+@torch.no_grad()
+def print_profile(name: str, network: nn.Module, images: torch.Tensor) -> None:
+    """One forward pass under torch.profiler: operator calls and self CPU time, top operators first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        network(images)
+    events = prof.key_averages()
+    calls = sum(e.count for e in events)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    print(f"--- {name}: {calls} operator calls, {total:.1f} ms self CPU")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -140,6 +155,11 @@ def main() -> None:
             for name, network in runtimes.items():
                 warmup = args.warmup if round_ == 0 else 1
                 rates[name].append(images_per_second(network, images, args.iters, warmup))
+
+        if args.profile:
+            for name, network in runtimes.items():
+                if name in ("torch", "release"):
+                    print_profile(name, network, images)
 
     params = count_params(model) / 1e6
     flops = "" if gflops is None else f", {gflops:.1f} GFLOPs/image"
