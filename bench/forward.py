@@ -152,7 +152,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         rates: dict[str, list[float]] = {name: [] for name in runtimes}
         for round_ in range(args.rounds):
-            for name, network in runtimes.items():
+            order = list(runtimes.items())
+            for name, network in order if round_ % 2 == 0 else order[::-1]:  # no runtime always first
                 warmup = args.warmup if round_ == 0 else 1
                 rates[name].append(images_per_second(network, images, args.iters, warmup))
 

@@ -134,7 +134,7 @@ def load_network(
     if args.runtime == "torch":
         check_config(cfg)
         return api.load_model(cfg.model, resolve_checkpoint(args.checkpoint)).to(device), cfg
-    network = load_exported(args.runtime, args.model_file, device)
+    network = load_exported(args.runtime, args.model_file, "auto" if args.device == "auto" else device)
     meta = network.metadata
     if any(o.lstrip("+~").split("=")[0].split(".")[0] in ("dataset", "task") for o in overrides):
         meta.check_matches(cfg.task.name, list(cfg.dataset.class_names), args.model_file)

@@ -4,8 +4,8 @@ A runtime network maps images float (B,3,H,W) in [0,1] to ([mask_logits (B,Q,H/4
 [class_logits (B,Q,C+1)]) and has `img_size` and `metadata` (`eomt.export.ExportMetadata`), so the
 predictors run it exactly like the PyTorch EoMT: same letterbox / sliding windows, same post-processing.
 
-- `onnxruntime`: an .onnx file in ONNX Runtime, on the CUDA execution provider when asked for and present,
-  else on the CPU; results come back as CPU tensors, and post-processing runs there.
+- `onnxruntime`: an .onnx file in ONNX Runtime, on the CUDA execution provider (device=cuda, or device=auto
+  when this onnxruntime has it), else on the CPU; results come back as CPU tensors, post-processed there.
 - `torch-export`: a .pt2 file (torch.export) as a PyTorch module, on the requested device.
 """
 
@@ -48,8 +48,11 @@ class OnnxRuntimeNetwork(nn.Module):
         if threads is not None:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "auto":
+            device = "cuda" if has_cuda else "cpu"
         if torch.device(device).type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
+            if not has_cuda:
                 raise ConfigError(
                     "device=cuda but this onnxruntime has no CUDA execution provider: "
                     "pip install onnxruntime-gpu, or device=cpu"
@@ -86,9 +89,11 @@ RUNTIMES = {"onnxruntime": OnnxRuntimeNetwork, "torch-export": TorchExportNetwor
 
 
 def load_exported(runtime: str, path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """The exported file at `path` in `runtime` (onnxruntime | torch-export)."""
+    """The exported file at `path` in `runtime` (onnxruntime | torch-export); device "auto": CUDA if usable."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime={runtime} is not one of torch|{'|'.join(RUNTIMES)}")
     if not Path(path).is_file():
         raise ConfigError(f"model_file={path} does not exist: export one with python -m eomt.export")
+    if device == "auto" and runtime != "onnxruntime":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return RUNTIMES[runtime](path, device)
