@@ -69,7 +69,8 @@ def plan(out: Path, python: str) -> list[Step]:
         cmd = [python, "bench/forward.py", f"model={model}", f"model.masked_attn={str(masked).lower()}"]
         cmd += ["--batch", "1", "--dtype", "bf16", "--device", "cuda", "--iters", "50", "--warmup", "5"]
         if compile_mode != "eager":
-            cmd += ["--compile"] + ([] if compile_mode == "default" else ["--compile-mode", compile_mode])
+            cmd += ["--runtime", "torch-compile"]
+            cmd += [] if compile_mode == "default" else ["--compile-mode", compile_mode]
         cmd += ["--json", str(result)]
         steps.append(Step(name, "forward", cmd, timeout_s, str(result)))
 

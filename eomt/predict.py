@@ -1,11 +1,16 @@
 """Run a checkpoint on your own images.
 
     python -m eomt.predict checkpoint=<file|run dir> input=<image|folder> output=<dir> [model=vit_l dataset=coco task=panoptic ...]
+    python -m eomt.predict runtime=onnxruntime model_file=<file.onnx> input=<image|folder> output=<dir>
 
 `checkpoint`, `input` and `output` (and optionally `device=auto|cpu|cuda`, `batch_size=1`) are
 this command's own arguments; every other argument is a Hydra override of the training config
 (conf/train.yaml), which picks the network, the class names and the task's post-processing
 (`eval.predictor.<task>`, e.g. `eval.predictor.panoptic.score_threshold=0.5`).
+
+`runtime=onnxruntime|torch-export` runs a file written by `python -m eomt.export` (`model_file=`, no
+checkpoint) through the same pre- and post-processing: the file's metadata gives the task and the classes
+(a `dataset=`/`task=` override must agree with them).
 
 Written to `output`:
 - overlays/<image>.png: the prediction painted on the image with class names;
@@ -24,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
 from eomt import api, model_zoo
@@ -33,6 +40,7 @@ from eomt.config import check_config, compose
 from eomt.device import resolve_device
 from eomt.errors import ConfigError, DataError, user_errors
 from eomt.evaluation import build_predictor
+from eomt.inference.runtime import load_exported
 from eomt.inference.writers import (
     CocoInstanceWriter,
     CocoPanopticWriter,
@@ -46,16 +54,19 @@ log = logging.getLogger("eomt.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 USAGE = (
     "usage: python -m eomt.predict checkpoint=<file> input=<image|folder> output=<dir> [hydra overrides ...]"
+    " | runtime=onnxruntime model_file=<file.onnx> input=... output=..."
 )
 
 
 @dataclass
 class PredictArgs:
-    checkpoint: str  # a path, run directory or hub name (kept a string: Path would fold hf://)
+    checkpoint: str | None  # a path, run directory or hub name (a string: Path would fold hf://)
     input: Path
     output: Path
     device: str = "auto"
     batch_size: int = 1
+    runtime: str = "torch"  # torch (a checkpoint) | onnxruntime | torch-export (an exported model_file)
+    model_file: Path | None = None
 
 
 def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
@@ -70,18 +81,22 @@ def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
             own[key] = value
         else:
             overrides.append(arg)
-    missing = [k for k in ("checkpoint", "input", "output") if k not in own]
+    runtime = own.get("runtime", "torch")
+    model_key = "checkpoint" if runtime == "torch" else "model_file"
+    missing = [k for k in (model_key, "input", "output") if k not in own]
     if missing:
         raise ConfigError(f"missing {', '.join(f'{k}=...' for k in missing)}; {USAGE}")
     batch_size = own.get("batch_size", "1")
     if not batch_size.isdigit() or int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")
     args = PredictArgs(
-        checkpoint=own["checkpoint"],
+        checkpoint=own.get("checkpoint"),
         input=Path(own["input"]),
         output=Path(own["output"]),
         device=own.get("device", "auto"),
         batch_size=int(batch_size),
+        runtime=runtime,
+        model_file=Path(own["model_file"]) if "model_file" in own else None,
     )
     return args, overrides
 
@@ -109,20 +124,39 @@ def output_name(path: Path, root: Path) -> str:
     return relative.as_posix().replace("/", "__")
 
 
+def load_network(
+    args: PredictArgs, overrides: list[str], device: torch.device
+) -> tuple[nn.Module, DictConfig]:
+    """The network and the config naming its task, classes and post-processing.
+
+    runtime=torch: a checkpoint and the composed config. Otherwise an exported file, whose metadata fills
+    in the task and classes (and is checked against `dataset=`/`task=` overrides when given).
+    """
+    if args.runtime == "torch":
+        cfg = compose(model_zoo.with_preset(overrides, args.checkpoint))  # a released name brings its preset
+        check_config(cfg)
+        return api.load_model(cfg.model, args.checkpoint).to(device), cfg
+    cfg = compose(overrides)
+    network = load_exported(args.runtime, args.model_file, "auto" if args.device == "auto" else device)
+    meta = network.metadata
+    if any(o.lstrip("+~").split("=")[0].split(".")[0] in ("dataset", "task") for o in overrides):
+        meta.check_matches(cfg.task.name, list(cfg.dataset.class_names), args.model_file)
+    OmegaConf.update(cfg, "task.name", meta.task)
+    OmegaConf.update(cfg, "dataset.class_names", meta.class_names, merge=False)
+    OmegaConf.update(cfg, "dataset.thing_classes", meta.thing_classes, merge=False)
+    return network, cfg
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = model_zoo.with_preset(overrides, args.checkpoint)
-    cfg = compose(overrides)
-    check_config(cfg)
+    images = find_images(args.input)
+    device = resolve_device(args.device)
+    model, cfg = load_network(args, overrides, device)
     task = cfg.task.name
     class_names = list(cfg.dataset.class_names or (str(i) for i in range(cfg.dataset.num_classes)))
     thing_classes = set(cfg.dataset.thing_classes)
-    images = find_images(args.input)
-
-    device = resolve_device(args.device)
-    model = api.load(overrides, args.checkpoint).to(device)
     predictor = build_predictor(cfg.eval, task)
-    crop = tuple(cfg.model.img_size)
+    crop = tuple(model.img_size)  # the network's input size (an exported file's own)
     writers = {
         "panoptic": lambda: CocoPanopticWriter(
             args.output,

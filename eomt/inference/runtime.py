@@ -1,0 +1,99 @@
+"""Exported networks (eomt.export) behind the network contract the predictors use.
+
+A runtime network maps images float (B,3,H,W) in [0,1] to ([mask_logits (B,Q,H/4,W/4)],
+[class_logits (B,Q,C+1)]) and has `img_size` and `metadata` (`eomt.export.ExportMetadata`), so the
+predictors run it exactly like the PyTorch EoMT: same letterbox / sliding windows, same post-processing.
+
+- `onnxruntime`: an .onnx file in ONNX Runtime, on the CUDA execution provider (device=cuda, or device=auto
+  when this onnxruntime has it), else on the CPU; results come back as CPU tensors, post-processed there.
+- `torch-export`: a .pt2 file (torch.export) as a PyTorch module, on the requested device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from eomt.errors import ConfigError
+from eomt.export import PT2_METADATA_FILE, ExportMetadata, require
+
+# ONNX Runtime graph optimisation levels by name (bench/forward.py --ort-opt).
+ORT_OPTIMIZATION = {"disable": 0, "basic": 1, "extended": 2, "all": 99}
+
+
+def _as_images(images: Tensor, input_dtype: str) -> Tensor:
+    if input_dtype == "uint8":
+        return (images * 255).round().clamp(0, 255).to(torch.uint8)
+    return images.float()
+
+
+class OnnxRuntimeNetwork(nn.Module):
+    """An .onnx file in an ONNX Runtime session."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        threads: int | None = None,
+        optimization: str = "all",
+    ):
+        super().__init__()
+        ort = require("onnxruntime", "runtime=onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel(ORT_OPTIMIZATION[optimization])
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "auto":
+            device = "cuda" if has_cuda else "cpu"
+        if torch.device(device).type == "cuda":
+            if not has_cuda:
+                raise ConfigError(
+                    "device=cuda but this onnxruntime has no CUDA execution provider: "
+                    "pip install onnxruntime-gpu, or device=cpu"
+                )
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.metadata = ExportMetadata.from_strings(self.session.get_modelmeta().custom_metadata_map, path)
+        self.img_size = tuple(self.metadata.img_size)
+
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        feed = {"images": np.ascontiguousarray(_as_images(images, self.metadata.input_dtype).cpu().numpy())}
+        mask_logits, class_logits = self.session.run(["mask_logits", "class_logits"], feed)
+        return [torch.from_numpy(mask_logits)], [torch.from_numpy(class_logits)]
+
+
+class TorchExportNetwork(nn.Module):
+    """A .pt2 file (torch.export) as a module."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu"):
+        super().__init__()
+        extra = {PT2_METADATA_FILE: ""}
+        self.program = torch.export.load(str(path), extra_files=extra).module().to(device)
+        if not extra[PT2_METADATA_FILE]:
+            raise ConfigError(f"{path} has no EoMT metadata: export it with python -m eomt.export")
+        self.metadata = ExportMetadata(**json.loads(extra[PT2_METADATA_FILE]))
+        self.img_size = tuple(self.metadata.img_size)
+
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        mask_logits, class_logits = self.program(_as_images(images, self.metadata.input_dtype))
+        return [mask_logits], [class_logits]
+
+
+RUNTIMES = {"onnxruntime": OnnxRuntimeNetwork, "torch-export": TorchExportNetwork}
+
+
+def load_exported(runtime: str, path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The exported file at `path` in `runtime` (onnxruntime | torch-export); device "auto": CUDA if usable."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime={runtime} is not one of torch|{'|'.join(RUNTIMES)}")
+    if not Path(path).is_file():
+        raise ConfigError(f"model_file={path} does not exist: export one with python -m eomt.export")
+    if device == "auto" and runtime != "onnxruntime":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return RUNTIMES[runtime](path, device)
