@@ -412,13 +412,23 @@ def report_skipped_files(run: Run, skipped: int, epoch: int, step: int, writer: 
         writer.add_scalar("data/skipped_files", skipped, step)
 
 
-def validate(run: Run, step: int, writer: SummaryWriter | None) -> dict[str, Any]:
-    """Score the bare model on the val split; the last step's record also holds its forward cost."""
+def validate(
+    run: Run, step: int, writer: SummaryWriter | None, preemption: PreemptionHandler
+) -> dict[str, Any] | None:
+    """Score the bare model on the val split; the last step's record also holds its forward cost.
+
+    None when a stop signal killed the evaluation loader's workers (the caller saves and stops).
+    """
     if run.evaluation is None:
         return {}
-    result = run.evaluation.run(
-        run.model, step=step, writer=writer, run_dir=run.run_dir, benchmark=step == run.last_step
-    )
+    try:
+        result = run.evaluation.run(
+            run.model, step=step, writer=writer, run_dir=run.run_dir, benchmark=step == run.last_step
+        )
+    except RuntimeError as e:
+        if not preemption.killed_by_stop(e):
+            raise
+        return None
     run.model.train()
     return result.record
 
@@ -488,9 +498,13 @@ def train(run: Run) -> None:
                 report_skipped_files(run, skipped_files, epoch - 1, done, writer)
                 skipped_files = 0
                 if run.evaluation is not None and epoch % cfg.eval.every_epochs == 0:
-                    record, validated_at = validate(run, done, writer), done
+                    record, validated_at = validate(run, done, writer, preemption), done
+                    if record is None and preemption.should_stop():
+                        stop_after_saving(preemption, progress, save(run, done), done)
         if validated_at != run.last_step:
-            record = validate(run, run.last_step, writer)  # the final model is always evaluated
+            record = validate(run, run.last_step, writer, preemption)  # the final model is always evaluated
+            if record is None and preemption.should_stop():  # the last step is saved; evaluate.py scores it
+                stop_after_saving(preemption, progress, run.checkpoints.latest(), run.last_step)
         distributed.check_replicas(run.model)  # logs whether every rank ends with the same weights
         log_hparams_row(run, writer, record, run.last_step)
     finally:

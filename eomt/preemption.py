@@ -161,6 +161,10 @@ class PreemptionHandler:
         """A signal reached this process (the ranks may not agree yet: use `should_stop()` for that)."""
         return bool(self._received)
 
+    def killed_by_stop(self, error: BaseException) -> bool:
+        """`error` is a DataLoader's report of workers that the stop signal killed (not a real failure)."""
+        return bool(self._received) and str(error).startswith(_WORKER_DIED)
+
     # --- the loop's side ----------------------------------------------------------------------
     @property
     def reason(self) -> StopReason:
@@ -183,7 +187,7 @@ class PreemptionHandler:
             try:
                 taken.append(next(batches))
             except RuntimeError as e:
-                if not (self._received and str(e).startswith(_WORKER_DIED)):
+                if not self.killed_by_stop(e):
                     raise
                 taken = None
                 break

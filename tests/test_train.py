@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 from pathlib import Path
 
@@ -277,3 +278,24 @@ def test_config_mistakes_are_one_line_before_the_model_is_built(tmp_path, monkey
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was built"))
     with pytest.raises(ConfigError, match=message):
         train.build_run(compose([*FAST, *overrides.split()]), tmp_path)
+
+
+def test_a_stop_that_kills_the_evaluation_loader_saves_the_step_and_exits_0(tmp_path, capsys):
+    cfg = compose(
+        [*FAST, "trainer.epochs=2", "trainer.max_steps=null", "eval.every_epochs=1"]
+        + ["+dataset.max_train_images=8", "+dataset.max_val_images=2"]
+        + ["schedule.warmup_steps=1", "schedule.backbone_warmup_steps=0"]
+    )
+    run_ = train.build_run(cfg, tmp_path)
+    assert run_.data.steps_per_epoch == 2
+
+    def evaluation_killed_by_sigterm(*args, **kwargs):  # what scancel does to the eval loader's workers
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+
+    run_.evaluation.run = evaluation_killed_by_sigterm
+    with pytest.raises(SystemExit) as stopped:
+        train.train(run_)
+    assert stopped.value.code == 0
+    assert [p.name for p in run_.checkpoints.checkpoints()] == ["step_00000002.pt"]
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM: checkpoint saved to")
