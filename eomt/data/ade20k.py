@@ -13,18 +13,15 @@ stuff), as in Mask2Former's conversion; thing pixels without an instance are voi
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from eomt.data.base import SegmentationDataset, check_matches, check_split
+from eomt.data.base import Archive, SegmentationDataset, check_matches
 from eomt.data.decode import read_image, read_png
-from eomt.data.empty import drop_empty, scan_pngs, single_valued
-from eomt.data.records import PackedRecords
+from eomt.data.empty import scan_pngs, single_valued
 from eomt.data.targets import panoptic_fields, semantic_fields
-from eomt.data.zipreader import ZipReader, require_file
+from eomt.data.zipreader import ZipReader
 
 SPLITS = {"train": "training", "val": "validation"}
 IMAGES_ZIP = "ADEChallengeData2016.zip"
@@ -161,32 +158,18 @@ class ADE20KSemantic(SegmentationDataset):
     """
 
     name = "ADE20K semantic"
+    splits = SPLITS
+    zips = {"store": Archive(IMAGES_ZIP, "ADE20K", IMAGES_URL)}
+    store: ZipReader
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str,
-        transform: Callable[[dict], dict] | None = None,
-        on_corrupt: str = "skip",
-        skip_empty: bool = False,
-    ):
-        super().__init__(transform=transform, on_corrupt=on_corrupt)
-        self.root = Path(root)
-        self.folder = check_split(self.name, split, SPLITS)
-        self.store = ZipReader(require_file(self.root / IMAGES_ZIP, "ADE20K", IMAGES_URL))
-        records = self._index()
-        if skip_empty:
-            records = drop_empty(self.name, records, self._empty(records))
-        self.records = PackedRecords(records)
-
-    def _empty(self, records: list[dict]) -> list[bool]:
+    def empty(self, records: list[dict]) -> list[bool]:
         members = [[(self.store, r["label"])] for r in records]
         return scan_pngs("ade20k_semantic", members, lambda pngs: single_valued(pngs[0]))
 
-    def _index(self) -> list[dict]:
+    def index(self) -> list[dict]:
         names = set(self.store.names())
-        image_dir = f"ADEChallengeData2016/images/{self.folder}/"
-        label_dir = f"ADEChallengeData2016/annotations/{self.folder}/"
+        image_dir = f"ADEChallengeData2016/images/{self.split}/"
+        label_dir = f"ADEChallengeData2016/annotations/{self.split}/"
         stems = sorted(
             n[len(image_dir) : -4] for n in names if n.startswith(image_dir) and n.endswith(".jpg")
         )
@@ -232,27 +215,16 @@ class ADE20KPanoptic(ADE20KSemantic):
     """ADE20K panoptic: 150 classes (100 things, 50 stuff); no crowd regions."""
 
     name = "ADE20K panoptic"
+    zips = {**ADE20KSemantic.zips, "instances": Archive(INSTANCES_ZIP, "ADE20K instances", INSTANCES_URL)}
+    instances: ZipReader
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str,
-        transform: Callable[[dict], dict] | None = None,
-        on_corrupt: str = "skip",
-        skip_empty: bool = False,
-    ):
-        self.instances = ZipReader(
-            require_file(Path(root) / INSTANCES_ZIP, "ADE20K instances", INSTANCES_URL)
-        )
-        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
-
-    def _empty(self, records: list[dict]) -> list[bool]:
+    def empty(self, records: list[dict]) -> list[bool]:
         members = [[(self.store, r["label"]), (self.instances, r["instance"])] for r in records]
         return scan_pngs("ade20k_panoptic", members, lambda pngs: panoptic_pngs_empty(*pngs))
 
-    def _index(self) -> list[dict]:
-        records = super()._index()
-        instance_dir = f"annotations_instance/{self.folder}/"
+    def index(self) -> list[dict]:
+        records = super().index()
+        instance_dir = f"annotations_instance/{self.split}/"
         for r in records:
             r["instance"] = f"{instance_dir}{r['image_id']}.png"
         names = set(self.instances.names())

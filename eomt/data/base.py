@@ -1,4 +1,8 @@
-"""What every dataset shares: the sample index, corrupt-file handling and the training transform.
+"""What every dataset shares: the constructor, the sample index, corrupt-file handling and the transform.
+
+A dataset class states only what is its own: `splits` (our split names -> the dataset's own),
+`zips` (the archives it reads from `root`), `index()` (one record per sample), `empty(records)`
+(which targets are empty, for `skip_empty`) and `load(record)` (the sample).
 
 Corrupt files. A sample whose image or annotation PNG cannot be decoded is skipped with a
 warning naming the file, and the next readable sample is returned in its place carrying
@@ -12,12 +16,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from torch.utils.data import Dataset
 
 from eomt.data.decode import CorruptFileError
+from eomt.data.empty import drop_empty
 from eomt.data.records import PackedRecords
+from eomt.data.zipreader import ZipReader, require_file
 from eomt.errors import DataError
 
 ON_CORRUPT = ("skip", "raise")
@@ -27,18 +34,55 @@ class CorruptSampleWarning(UserWarning):
     """A sample was skipped because one of its files is corrupt."""
 
 
+class Archive(NamedTuple):
+    """A zip a dataset reads from its root; "{split}" in `file` and `source` is the dataset's split name."""
+
+    file: str
+    what: str  # names it in the error when it is missing, e.g. "COCO images"
+    source: str  # where to get it
+
+
 class SegmentationDataset(Dataset):
-    """A dataset whose subclasses fill `self.records` and implement `load(record) -> sample`."""
+    """Checks `split` and `on_corrupt`, opens `zips` (attribute -> Archive) as attributes, indexes.
+
+    `self.split` is the dataset's own name for the split (`splits[split]`; `split` itself when
+    `splits` is None). `skip_empty`: leave out the samples whose target is empty (`eomt.data.empty`).
+    """
 
     name = "dataset"  # shown in messages, e.g. "COCO panoptic"
+    splits: dict[str, str] | None = None
+    zips: dict[str, Archive] = {}
 
-    def __init__(self, transform: Callable[[dict], dict] | None = None, on_corrupt: str = "skip"):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable[[dict], dict] | None = None,
+        on_corrupt: str = "skip",
+        skip_empty: bool = False,
+    ):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt={on_corrupt!r} is not one of {ON_CORRUPT}")
+        self.root = Path(root)
+        self.split = split if self.splits is None else check_split(self.name, split, self.splits)
+        for attribute, archive in self.zips.items():
+            file, source = (text.format(split=self.split) for text in (archive.file, archive.source))
+            setattr(self, attribute, ZipReader(require_file(self.root / file, archive.what, source)))
         self.transform = transform
         self.on_corrupt = on_corrupt
         self.skipped = 0
-        self.records = PackedRecords([])
+        records = self.index()
+        if skip_empty:
+            records = drop_empty(self.name, records, self.empty(records))
+        self.records = PackedRecords(records)
+
+    def index(self) -> list:
+        """One record per sample, checked against the files (no pixel decoding)."""
+        raise NotImplementedError
+
+    def empty(self, records: list) -> list[bool]:
+        """For each record: is its target empty (the release's rule, `eomt.data.empty`)?"""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.records)

@@ -10,16 +10,12 @@ that has instances marks a crowd region (as in cityscapesScripts' panoptic conve
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from eomt.data.base import SegmentationDataset, check_matches, check_split
+from eomt.data.base import Archive, SegmentationDataset, check_matches
 from eomt.data.decode import read_image, read_png
-from eomt.data.empty import drop_empty, scan_pngs, single_valued
-from eomt.data.records import PackedRecords
+from eomt.data.empty import scan_pngs, single_valued
 from eomt.data.targets import (
     empty_masks,
     instance_annotation,
@@ -27,7 +23,7 @@ from eomt.data.targets import (
     panoptic_fields,
     semantic_fields,
 )
-from eomt.data.zipreader import ZipReader, require_file
+from eomt.data.zipreader import ZipReader
 
 SPLITS = {"train": "train", "val": "val"}
 IMAGES_ZIP = "leftImg8bit_trainvaltest.zip"
@@ -100,28 +96,19 @@ class CityscapesSemantic(SegmentationDataset):
 
     name = "Cityscapes semantic"
     label_suffix = "labelIds"
+    splits = SPLITS
+    zips = {
+        "images": Archive(IMAGES_ZIP, "Cityscapes images", URL),
+        "labels": Archive(LABELS_ZIP, "Cityscapes annotations", URL),
+    }
+    images: ZipReader
+    labels: ZipReader
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str,
-        transform: Callable[[dict], dict] | None = None,
-        on_corrupt: str = "skip",
-        skip_empty: bool = False,
-    ):
-        super().__init__(transform=transform, on_corrupt=on_corrupt)
-        root = Path(root)
-        self.split = check_split(self.name, split, SPLITS)
-        self.images = ZipReader(require_file(root / IMAGES_ZIP, "Cityscapes images", URL))
-        self.labels = ZipReader(require_file(root / LABELS_ZIP, "Cityscapes annotations", URL))
-        records = self._index()
-        if skip_empty:
-            members = [[(self.labels, r["label"])] for r in records]
-            empty = scan_pngs(f"cityscapes_{self.label_suffix}", members, lambda pngs: single_valued(pngs[0]))
-            records = drop_empty(self.name, records, empty)
-        self.records = PackedRecords(records)
+    def empty(self, records: list[dict]) -> list[bool]:
+        members = [[(self.labels, r["label"])] for r in records]
+        return scan_pngs(f"cityscapes_{self.label_suffix}", members, lambda pngs: single_valued(pngs[0]))
 
-    def _index(self) -> list[dict]:
+    def index(self) -> list[dict]:
         image_dir, suffix = f"leftImg8bit/{self.split}/", "_leftImg8bit.png"
         images = sorted(n for n in self.images.names() if n.startswith(image_dir) and n.endswith(suffix))
         if not images:

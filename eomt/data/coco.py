@@ -21,24 +21,18 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from eomt.data.base import SegmentationDataset, check_matches, check_split
+from eomt.data.base import Archive, SegmentationDataset, check_matches
 from eomt.data.decode import read_image
-from eomt.data.empty import drop_empty
-from eomt.data.panoptic_json import PanopticJsonDataset, SemanticFromPanoptic, check_class_names
-from eomt.data.records import PackedRecords
+from eomt.data.panoptic_json import PanopticJson, PanopticJsonDataset, SemanticFromPanoptic, check_class_names
 from eomt.data.targets import empty_masks, instance_fields
-from eomt.data.zipreader import ZipReader, require_file
+from eomt.data.zipreader import ZipReader
 
 SPLITS = {"train": "train2017", "val": "val2017"}
-IMAGES_URL = "http://images.cocodataset.org/zips/{}.zip"
+IMAGES = Archive("{split}.zip", "COCO images", "http://images.cocodataset.org/zips/{split}.zip")
 INSTANCES_ZIP = "annotations_trainval2017.zip"
 INSTANCES_URL = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
 PANOPTIC_ZIP = "panoptic_annotations_trainval2017.zip"
 PANOPTIC_URL = "http://images.cocodataset.org/annotations/panoptic_annotations_trainval2017.zip"
-
-
-def _images_zip(root: Path, name: str) -> ZipReader:
-    return ZipReader(require_file(root / f"{name}.zip", "COCO images", IMAGES_URL.format(name)))
 
 
 def _read_json(store: ZipReader, member: str) -> dict:
@@ -48,39 +42,25 @@ def _read_json(store: ZipReader, member: str) -> dict:
 
 
 class CocoPanoptic(PanopticJsonDataset):
-    """COCO panoptic: 133 classes (80 things, 53 stuff), crowd segments flagged.
-
-    `skip_empty`: leave out images without any segment in the JSON (`eomt.data.empty`).
-    """
+    """COCO panoptic: 133 classes (80 things, 53 stuff), crowd segments flagged."""
 
     name = "COCO panoptic"
+    splits = SPLITS
+    zips = {
+        "annotations_zip": Archive(PANOPTIC_ZIP, "COCO panoptic annotations", PANOPTIC_URL),
+        "images": IMAGES,
+    }
+    annotations_zip: ZipReader
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str,
-        transform: Callable[[dict], dict] | None = None,
-        on_corrupt: str = "skip",
-        class_names: Sequence[str] | None = None,
-        skip_empty: bool = False,
-    ):
-        root = Path(root)
-        name = check_split(self.name, split, SPLITS)
-        annotations_zip = ZipReader(
-            require_file(root / PANOPTIC_ZIP, "COCO panoptic annotations", PANOPTIC_URL)
-        )
-        json_name = f"annotations/panoptic_{name}.json"
-        super().__init__(
-            images=_images_zip(root, name),
-            image_prefix=f"{name}/",
-            masks=ZipReader(annotations_zip.path, inner=f"annotations/panoptic_{name}.zip"),
-            mask_prefix=f"panoptic_{name}/",
-            annotations=_read_json(annotations_zip, json_name),
+    def read_json(self) -> PanopticJson:
+        json_name = f"annotations/panoptic_{self.split}.json"
+        return PanopticJson(
+            annotations=_read_json(self.annotations_zip, json_name),
             source=json_name,
-            class_names=class_names,
-            transform=transform,
-            on_corrupt=on_corrupt,
-            skip_empty=skip_empty,
+            images=self.images,
+            image_prefix=f"{self.split}/",
+            masks=ZipReader(self.annotations_zip.path, inner=f"annotations/panoptic_{self.split}.zip"),
+            mask_prefix=f"panoptic_{self.split}/",
         )
 
 
@@ -108,6 +88,10 @@ class CocoInstance(SegmentationDataset):
     """
 
     name = "COCO instance"
+    splits = SPLITS
+    zips = {"images": IMAGES, "annotations_zip": Archive(INSTANCES_ZIP, "COCO annotations", INSTANCES_URL)}
+    images: ZipReader
+    annotations_zip: ZipReader
 
     def __init__(
         self,
@@ -118,23 +102,21 @@ class CocoInstance(SegmentationDataset):
         class_names: Sequence[str] | None = None,
         skip_empty: bool = False,
     ):
-        super().__init__(transform=transform, on_corrupt=on_corrupt)
-        root = Path(root)
-        name = check_split(self.name, split, SPLITS)
-        self.images = _images_zip(root, name)
-        json_name = f"annotations/instances_{name}.json"
-        data = _read_json(
-            ZipReader(require_file(root / INSTANCES_ZIP, "COCO annotations", INSTANCES_URL)), json_name
-        )
+        self.configured_class_names = class_names
+        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
+
+    def index(self) -> list[dict]:
+        json_name = f"annotations/instances_{self.split}.json"
+        data = _read_json(self.annotations_zip, json_name)
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.category_ids = {int(c["id"]): i for i, c in enumerate(categories)}
         self.class_names = [c["name"] for c in categories]
         self.thing_classes = list(range(len(categories)))
-        check_class_names(self.name, json_name, self.class_names, class_names)
-        records = self._index(data, json_name, f"{name}/")
-        if skip_empty:
-            records = drop_empty(self.name, records, [not r["annotations"] for r in records])
-        self.records = PackedRecords(records)
+        check_class_names(self.name, json_name, self.class_names, self.configured_class_names)
+        return self._index(data, json_name, f"{self.split}/")
+
+    def empty(self, records: list[dict]) -> list[bool]:
+        return [not r["annotations"] for r in records]
 
     def _index(self, data: dict, source: str, prefix: str) -> list[dict]:
         by_image: dict[int, list[dict]] = defaultdict(list)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from eomt.data.panoptic_json import PanopticJsonDataset
+from eomt.data.panoptic_json import PanopticJson, PanopticJsonDataset
 from eomt.data.zipreader import Store, open_store
 
 HELP = "see conf/dataset/custom.yaml for the expected layout"
@@ -52,23 +52,29 @@ class CustomPanoptic(PanopticJsonDataset):
         class_names: Sequence[str] | None = None,
         skip_empty: bool = False,
     ):
-        root = Path(root)
-        json_path = _path(root, annotations, split)
+        self.layout = {"images": images, "annotations": annotations, "masks": masks}
+        super().__init__(
+            root,
+            split,
+            transform=transform,
+            on_corrupt=on_corrupt,
+            class_names=class_names,
+            skip_empty=skip_empty,
+        )
+
+    def read_json(self) -> PanopticJson:
+        json_path = _path(self.root, self.layout["annotations"], self.split)
         try:
             data = json.loads(json_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"custom dataset: {json_path} is not valid JSON ({e})") from e
-        image_store = open_store(_path(root, images, split))
-        mask_store = open_store(_path(root, masks, split))
-        super().__init__(
-            images=image_store,
-            image_prefix=_prefix(image_store, [img["file_name"] for img in data["images"]]),
-            masks=mask_store,
-            mask_prefix=_prefix(mask_store, [ann["file_name"] for ann in data["annotations"]]),
+        images = open_store(_path(self.root, self.layout["images"], self.split))
+        masks = open_store(_path(self.root, self.layout["masks"], self.split))
+        return PanopticJson(
             annotations=data,
             source=str(json_path),
-            class_names=class_names,
-            transform=transform,
-            on_corrupt=on_corrupt,
-            skip_empty=skip_empty,
+            images=images,
+            image_prefix=_prefix(images, [img["file_name"] for img in data["images"]]),
+            masks=masks,
+            mask_prefix=_prefix(masks, [ann["file_name"] for ann in data["annotations"]]),
         )

@@ -9,14 +9,13 @@ things first, each group in id order (COCO's 133 classes: 80 things, then 53 stu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from eomt.data.base import SegmentationDataset, check_matches
 from eomt.data.decode import read_image, read_png, rgb_to_id
-from eomt.data.empty import drop_empty
-from eomt.data.records import PackedRecords
 from eomt.data.targets import panoptic_fields, semantic_fields
 from eomt.data.zipreader import Store
 from eomt.errors import DataError
@@ -39,17 +38,20 @@ def check_class_names(dataset: str, source: str, found: list[str], expected: Seq
         )
 
 
-def index_panoptic_json(
-    dataset: str,
-    annotations: dict,
-    source: str,
-    images: Store,
-    image_prefix: str,
-    masks: Store,
-    mask_prefix: str,
-    mapping: dict[int, int],
-) -> list[dict]:
+class PanopticJson(NamedTuple):
+    """A COCO-panoptic-format JSON (`source` names it in messages) and the stores of its files."""
+
+    annotations: dict
+    source: str
+    images: Store
+    image_prefix: str  # the folder of the JSON's image file names inside `images`
+    masks: Store
+    mask_prefix: str
+
+
+def index_panoptic_json(dataset: str, panoptic: PanopticJson, mapping: dict[int, int]) -> list[dict]:
     """One record per annotated image, checked against the stores' file lists (no pixel decoding)."""
+    annotations, source, images, image_prefix, masks, mask_prefix = panoptic
     image_by_id = {img["id"]: img for img in annotations["images"]}
     records, unknown_images, unknown_categories = [], [], set()
     for ann in annotations["annotations"]:
@@ -99,35 +101,41 @@ def index_panoptic_json(
 
 
 class PanopticJsonDataset(SegmentationDataset):
-    """Panoptic samples from a COCO-panoptic-format JSON plus its PNGs, read from stores.
+    """Panoptic samples from a COCO-panoptic-format JSON plus its PNGs: subclasses implement `read_json()`.
 
+    `class_names`: the configured names, which must be the JSON's categories (things first).
     `skip_empty`: leave out images without any segment in the JSON (`eomt.data.empty`).
     """
 
+    images: Store
+    masks: Store
+
     def __init__(
         self,
-        images: Store,
-        image_prefix: str,
-        masks: Store,
-        mask_prefix: str,
-        annotations: dict,
-        source: str,
-        class_names: Sequence[str] | None = None,
+        root: str | Path,
+        split: str,
         transform: Callable[[dict], dict] | None = None,
         on_corrupt: str = "skip",
+        class_names: Sequence[str] | None = None,
         skip_empty: bool = False,
     ):
-        super().__init__(transform=transform, on_corrupt=on_corrupt)
-        self.images = images
-        self.masks = masks
-        self.category_ids, self.class_names, self.thing_classes = things_first(annotations["categories"])
-        check_class_names(self.name, source, self.class_names, class_names)
-        records = index_panoptic_json(
-            self.name, annotations, source, images, image_prefix, masks, mask_prefix, self.category_ids
+        self.configured_class_names = class_names
+        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
+
+    def read_json(self) -> PanopticJson:
+        raise NotImplementedError
+
+    def index(self) -> list[dict]:
+        found = self.read_json()
+        self.images, self.masks = found.images, found.masks
+        self.category_ids, self.class_names, self.thing_classes = things_first(
+            found.annotations["categories"]
         )
-        if skip_empty:
-            records = drop_empty(self.name, records, [not r["segments"] for r in records])
-        self.records = PackedRecords(records)
+        check_class_names(self.name, found.source, self.class_names, self.configured_class_names)
+        return index_panoptic_json(self.name, found, self.category_ids)
+
+    def empty(self, records: list[dict]) -> list[bool]:
+        return [not r["segments"] for r in records]
 
     def load(self, record: dict) -> dict:
         image = read_image(self.images, record["image"])
