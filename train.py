@@ -483,7 +483,7 @@ def train(run: Run) -> None:
             skipped_files += sum(count_skipped(targets) for _, targets in micro_batches)
             run.lr_at(step)
             if run.annealing is not None:
-                run.model.attn_mask_probs.copy_(torch.tensor(run.annealing(step)))
+                run.model.set_attn_mask_probs(run.annealing(step))
             terms = optimisation_step(run, micro_batches, step)
             done = step + 1
             progress.update(1)

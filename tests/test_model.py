@@ -101,6 +101,38 @@ def test_annealing_draws_random_numbers_only_in_blocks_with_p_below_one(make_tin
     assert torch.equal(rng_after_forward([0.0, 0.5]), rng_after_draws(2))
 
 
+def test_probabilities_set_through_the_model_decide_the_draws_without_reading_the_device(make_tiny_eomt):
+    model = make_tiny_eomt().eval()
+    images = torch.rand(2, 3, 64, 64)
+
+    def draws_after(set_probs) -> int:
+        set_probs()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model(images)
+        after = torch.get_rng_state()
+        for count in range(3):
+            torch.manual_seed(0)
+            for _ in range(count):
+                torch.rand(2, 7)
+            if torch.equal(torch.get_rng_state(), after):
+                return count
+        raise AssertionError("more draws than query blocks")
+
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    torch.Tensor.__bool__ = lambda t: reads.append(t) or real_bool(t)
+    try:
+        assert draws_after(lambda: model.set_attn_mask_probs([1.0, 0.5])) == 1
+        assert reads == []  # the branch used the host copy
+        assert (
+            draws_after(lambda: model.attn_mask_probs.fill_(0.5)) == 2
+        )  # written directly: host copy unused
+        assert len(reads) == 2
+    finally:
+        torch.Tensor.__bool__ = real_bool
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_query_with_empty_mask_sees_queries_and_prefix_only(make_tiny_eomt, family):
     model = make_tiny_eomt(family).eval()

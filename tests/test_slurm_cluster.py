@@ -390,6 +390,12 @@ def test_scancel_saves_at_the_step_boundary_and_stays_cancelled(slurm_env, tmp_p
 
 
 # --- 6: two nodes, one rank each; a USR2 saves once and requeues once ------------------------------
+
+
+# Long enough that neither job ends before the slower-starting launcher job is running, on an idle machine.
+TWO_NODE_STEPS = 600
+
+
 def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tmp_path):
     env = slurm_env
     sbatch_dir = tmp_path / "sbatch_run"
@@ -400,7 +406,7 @@ def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tm
         "--ntasks-per-node=1",
         f"--time={LIMIT_MIN}",
         overrides=[
-            "trainer.max_steps=150",
+            f"trainer.max_steps={TWO_NODE_STEPS}",
             "trainer.ckpt_every_steps=100000",
             "trainer.num_workers=0",
             *NO_EVAL,
@@ -414,7 +420,7 @@ def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tm
             "train.py",
             "-m",
             *DEMO,
-            "trainer.max_steps=150",
+            f"trainer.max_steps={TWO_NODE_STEPS}",
             "trainer.ckpt_every_steps=100000",
             "trainer.num_workers=0",
             *NO_EVAL,
@@ -458,5 +464,6 @@ def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tm
         assert len(set(re.findall(r"resumed from \S+ at step (\d+)", log))) == 1
         assert "parameters identical on all 2 ranks" in log, log[-3000:]
         assert (
-            torch.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)["step"] == 150
+            torch.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)["step"]
+            == TWO_NODE_STEPS
         )

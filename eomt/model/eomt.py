@@ -69,6 +69,7 @@ class EoMT(nn.Module):
         self.mask_head = mask_mlp(dim)
         self.upscale = upscale(dim, self._runner.patch_size, num_upscale_blocks)
         self.register_buffer("attn_mask_probs", torch.ones(num_blocks))
+        self._host_probs: tuple[int, list[float]] | None = None  # (buffer version, its values) from set_...
         self.register_buffer(
             "pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False
         )
@@ -85,7 +86,23 @@ class EoMT(nn.Module):
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_head(queries), pixels)
         return mask_logits, self.class_head(queries)
 
-    def attention_mask(self, mask_logits: Tensor, grid: tuple[int, int], prob: Tensor) -> Tensor:
+    def set_attn_mask_probs(self, probs: Sequence[float]) -> None:
+        """Write the blocks' annealing probabilities; also kept on the host, so that the forward pass
+        decides whether to draw without reading the device (valid until the buffer changes again)."""
+        host = torch.tensor(probs, dtype=self.attn_mask_probs.dtype)
+        self.attn_mask_probs.copy_(host)
+        self._host_probs = (self.attn_mask_probs._version, host.tolist())
+
+    @torch.compiler.disable
+    def _host_prob(self, block: int) -> float | None:
+        """Block `block`'s probability as set_attn_mask_probs wrote it; None if the buffer changed since."""
+        if self._host_probs is None or self._host_probs[0] != self.attn_mask_probs._version:
+            return None
+        return self._host_probs[1][block]
+
+    def attention_mask(
+        self, mask_logits: Tensor, grid: tuple[int, int], prob: Tensor, host_prob: float | None = None
+    ) -> Tensor:
         """Bool (B,1,N,N) over [queries | prefix | patches], True = may attend.
 
         Query q sees the patches where its logit, resized to the patch grid, is > 0; with probability
@@ -96,7 +113,7 @@ class EoMT(nn.Module):
         start = num_queries + self.num_prefix_tokens
         num_tokens = start + grid[0] * grid[1]
         on_mask = F.interpolate(mask_logits, size=grid, mode="bilinear").flatten(2) > 0
-        lifted = _lifted_queries(prob, batch, num_queries, mask_logits.device)
+        lifted = _lifted_queries(prob, host_prob, batch, num_queries, mask_logits.device)
         mask = torch.ones(batch, num_tokens, num_tokens, dtype=torch.bool, device=mask_logits.device)
         mask[:, :num_queries, start:] = on_mask if lifted is None else on_mask | lifted
         return mask[:, None]
@@ -118,7 +135,10 @@ class EoMT(nn.Module):
                 masks, classes = self.predict(tokens, grid)
                 mask_logits.append(masks)
                 class_logits.append(classes)
-                attn_mask = self.attention_mask(masks, grid, self.attn_mask_probs[i - first_query_block])
+                block = i - first_query_block
+                attn_mask = self.attention_mask(
+                    masks, grid, self.attn_mask_probs[block], self._host_prob(block)
+                )
             num_unroped = self.num_prefix_tokens + (self.num_queries if in_query_blocks else 0)
             tokens = self._runner.block(i, tokens, rope, num_unroped, attn_mask)
         masks, classes = self.predict(tokens, grid)
@@ -128,13 +148,15 @@ class EoMT(nn.Module):
 
 
 @torch.compiler.disable
-def _lifted_queries(prob: Tensor, batch: int, num_queries: int, device: torch.device) -> Tensor | None:
+def _lifted_queries(
+    prob: Tensor, host_prob: float | None, batch: int, num_queries: int, device: torch.device
+) -> Tensor | None:
     """Bool (B,Q,1): the (image, query) pairs whose mask is lifted, each with probability 1 - prob.
 
     As in the authors' release, the random numbers are drawn only when prob < 1 (a fully masked
     block draws none), so the random stream matches theirs; outside the compiled graph since the
-    branch reads the probability.
+    branch reads the probability (from the host when `host_prob` is known, else from the device).
     """
-    if not bool(prob < 1):
+    if not (bool(prob < 1) if host_prob is None else host_prob < 1):
         return None
     return torch.rand(batch, num_queries, 1, device=device) > prob
