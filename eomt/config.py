@@ -1,7 +1,7 @@
 """The Hydra config: compose it from conf/ outside a Hydra app (API, tests, benchmarks), check it."""
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -70,3 +70,20 @@ def check_config(cfg: DictConfig) -> None:
             f"dataset.crop_size={crop} is not a multiple of model.patch_size={patch}; use e.g. "
             f"dataset.crop_size=[{fitting[0]},{fitting[1]}]"
         )
+
+
+def split_key_values(
+    argv: Sequence[str], own_keys: Collection[str], usage: str
+) -> tuple[dict[str, str], list[str]]:
+    """`key=value` arguments of a `python -m eomt....` command: (its own keys, the config overrides)."""
+    own: dict[str, str] = {}
+    overrides = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"argument {arg!r} is not key=value; {usage}")
+        if key in own_keys:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    return own, overrides

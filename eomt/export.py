@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from eomt import api
 from eomt.atomic import atomic_open
 from eomt.checkpointing import resolve_checkpoint
-from eomt.config import compose
+from eomt.config import compose, split_key_values
 from eomt.errors import ConfigError, user_errors
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
@@ -212,17 +212,7 @@ def export(model: nn.Module, metadata: ExportMetadata, out: str | Path, format: 
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    own_keys = {"checkpoint", "out", "format", "input_dtype"}
-    own: dict[str, str] = {}
-    overrides = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
-        if key in own_keys:
-            own[key] = value
-        else:
-            overrides.append(arg)
+    own, overrides = split_key_values(argv, {"checkpoint", "out", "format", "input_dtype"}, USAGE)
     missing = [k for k in ("checkpoint", "out") if k not in own]
     if missing:
         raise ConfigError(f"missing {', '.join(f'{k}=...' for k in missing)}; {USAGE}")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from eomt import api, model_zoo
 from eomt.atomic import write_json
-from eomt.config import check_config, compose
+from eomt.config import check_config, compose, split_key_values
 from eomt.device import resolve_device
 from eomt.errors import ConfigError, DataError, user_errors
 from eomt.evaluation import build_predictor
@@ -71,16 +71,7 @@ class PredictArgs:
 
 def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
     """Split `key=value` arguments into this command's own and the config overrides."""
-    own: dict[str, str] = {}
-    overrides = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
-        if key in PredictArgs.__dataclass_fields__:
-            own[key] = value
-        else:
-            overrides.append(arg)
+    own, overrides = split_key_values(argv, PredictArgs.__dataclass_fields__, USAGE)
     runtime = own.get("runtime", "torch")
     model_key = "checkpoint" if runtime == "torch" else "model_file"
     missing = [k for k in (model_key, "input", "output") if k not in own]
