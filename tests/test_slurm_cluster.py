@@ -133,13 +133,20 @@ def wait_until(env, what: str, condition, timeout: float = 400):
 
 
 def wait_for_end(env, job_id: str, timeout: float = 400) -> dict[str, str]:
+    """The job's final record. A job that requeues itself can show an ended state for a moment
+    before SLURM turns it to PENDING, so an ended state counts once it holds 3 s later too."""
     ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
-    return wait_until(
-        env,
-        f"the end of job {job_id}",
-        lambda: (i := job_info(env, job_id))["JobState"] in ended and i,
-        timeout,
-    )
+
+    def settled() -> dict[str, str] | None:
+        first = job_info(env, job_id)
+        if first["JobState"] not in ended:
+            return None
+        time.sleep(3)
+        again = job_info(env, job_id)
+        same = (again["JobState"], again["Restarts"]) == (first["JobState"], first["Restarts"])
+        return again if same else None
+
+    return wait_until(env, f"the end of job {job_id}", settled, timeout)
 
 
 def sbatch(env, tmp_path: Path, *args: str, overrides: list[str]) -> tuple[str, Path]:
@@ -393,7 +400,7 @@ def test_scancel_saves_at_the_step_boundary_and_stays_cancelled(slurm_env, tmp_p
 
 
 # Long enough that neither job ends before the slower-starting launcher job is running, on an idle machine.
-TWO_NODE_STEPS = 600
+TWO_NODE_STEPS = 450  # the demo's whole run is 500 steps
 
 
 def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tmp_path):
