@@ -4,6 +4,8 @@
     python evaluate.py experiment=demo checkpoint=outputs/demo     # a run directory: its newest checkpoint
     python evaluate.py checkpoint=tue-mps/coco_panoptic_eomt_large_640 dataset.root=/data/coco  # a released
         # model (docs/model_zoo.md), fetched through the Hugging Face cache; its preset unless experiment= is given
+    python evaluate.py experiment=demo runtime=openvino model_file=demo.onnx eval.cpu_precision=bf16
+        # a file of python -m eomt.export in its runtime (onnxruntime | openvino | torch-export)
     torchrun --nproc_per_node 4 evaluate.py ...      # the images are split over the ranks
 
 Prints the metrics table (PQ/SQ/RQ, mIoU, or the AP set), writes metrics.json and the first
@@ -19,26 +21,47 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from eomt import distributed, model_zoo
 from eomt.api import load_model
 from eomt.config import check_config
 from eomt.device import resolve_device
-from eomt.errors import user_errors
+from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import METRICS_FILE, Evaluation
+from eomt.inference.runtime import load_exported
 from eomt.inference.writers import prediction_writer, write_png
 from eomt.run_info import write_run_info
 
 log = logging.getLogger("eomt.evaluate")
 
 
+def load_network(cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The checkpoint's EoMT (runtime=torch), or the exported `model_file` in its runtime."""
+    if cfg.runtime == "torch":
+        if cfg.checkpoint is None:
+            raise ConfigError(
+                "checkpoint=... is missing: a file, run directory or released name "
+                "(or runtime=onnxruntime|openvino|torch-export model_file=<exported file>)"
+            )
+        return load_model(cfg.model, cfg.checkpoint).to(device)
+    if cfg.model_file is None:
+        raise ConfigError(f"runtime={cfg.runtime} scores an exported file: add model_file=<file>")
+    network = load_exported(cfg.runtime, cfg.model_file, device, cfg.eval.cpu_precision)
+    if cfg.dataset.class_names is not None:
+        network.metadata.check_matches(cfg.task.name, list(cfg.dataset.class_names), cfg.model_file)
+    OmegaConf.update(cfg, "model.img_size", list(network.img_size))  # the loader prepares the file's size
+    return network
+
+
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     check_config(cfg)
     device = resolve_device(cfg.trainer.device)
     distributed.init(device.type)
-    model = load_model(cfg.model, cfg.checkpoint).to(device)
+    model = load_network(cfg, device)
     evaluation = Evaluation.from_config(cfg, device)
     writers = []
     if cfg.eval.write_predictions:

@@ -11,8 +11,11 @@ alike. Runtimes:
 - torch: eager PyTorch; torch-compile: torch.compile of it;
 - onnxruntime: the network exported by eomt.export, in ONNX Runtime (`--ort-opt` graph optimisation levels,
   comma-separated, one runtime each; needs the `export` extra);
+- openvino: the same .onnx file in OpenVINO on the CPU (`openvino@bf16`: at bf16, on CPUs with native bf16);
 - release: with `--reference DIR`, the authors' model code from DIR (a checkout holding models/), loaded
   with the same weights: the yardstick of our eager forward. Nothing else in the project imports it.
+A PyTorch or OpenVINO runtime takes its own dtype as a suffix, e.g. `--runtime torch,torch@bf16,torch-compile@bf16`
+(fp32 eager against bf16 autocast on the CPU, in one run); without one it runs at `--dtype`.
 Masked attention is off unless an override turns it on (`model.masked_attn=true`): that is how EoMT runs
 at inference.
 """
@@ -33,11 +36,11 @@ from eomt.config import compose
 from eomt.device import AMP_DTYPES
 from eomt.errors import user_errors
 from eomt.export import build_metadata, export
-from eomt.inference.runtime import ORT_OPTIMIZATION, OnnxRuntimeNetwork
+from eomt.inference.runtime import ORT_OPTIMIZATION, OnnxRuntimeNetwork, OpenVinoNetwork
 from eomt.model import build_model
 from eomt.profiling import count_params, gflops_per_image, images_per_second
 
-RUNTIMES = ("torch", "torch-compile", "onnxruntime", "release")
+RUNTIMES = ("torch", "torch-compile", "onnxruntime", "openvino", "release")
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,28 +103,53 @@ def release_network(reference: Path, model: nn.Module, cfg) -> nn.Module:
     return network.to(next(model.parameters()).device).eval()
 
 
+def under_autocast(network: Callable, device: torch.device, dtype: str) -> Callable:
+    """`network` run under autocast to `dtype` (fp32: as it is)."""
+    amp = AMP_DTYPES[dtype]
+    if amp is None:
+        return network
+
+    def run(images: torch.Tensor):
+        with torch.autocast(device.type, dtype=amp):
+            return network(images)
+
+    return run
+
+
 def build_runtimes(args, cfg, model: nn.Module, folder: Path) -> dict[str, Callable]:
-    names = [n.strip() for n in args.runtime.split(",") if n.strip()]
-    if args.compile and "torch-compile" not in names:
-        names.append("torch-compile")
+    specs = [n.strip() for n in args.runtime.split(",") if n.strip()]
+    if args.compile and "torch-compile" not in specs:
+        specs.append("torch-compile")
+    device = next(model.parameters()).device
+    onnx_file = folder / "network.onnx"
     runtimes: dict[str, Callable] = {}
-    for name in names:
+    for spec in specs:
+        name, _, dtype = spec.partition("@")
+        if dtype and dtype not in AMP_DTYPES:
+            raise SystemExit(f"error: --runtime {spec}: {dtype} is not one of {'|'.join(AMP_DTYPES)}")
+        if dtype and name == "onnxruntime":
+            raise SystemExit(f"error: --runtime {spec}: onnxruntime runs the exported fp32 file as it is")
+        if name in ("onnxruntime", "openvino") and not onnx_file.exists():
+            export(model, build_metadata(cfg, None, "float32"), onnx_file)
+        dtype = dtype or args.dtype
+        label = name if dtype == "fp32" else f"{name}@{dtype}"
         if name == "torch":
-            runtimes[name] = model
+            runtimes[label] = under_autocast(model, device, dtype)
         elif name == "torch-compile":
-            runtimes[name] = torch.compile(model, mode=args.compile_mode)
+            runtimes[label] = under_autocast(torch.compile(model, mode=args.compile_mode), device, dtype)
         elif name == "onnxruntime":
-            path = export(model, build_metadata(cfg, None, "float32"), folder / "network.onnx")
             for level in args.ort_opt.split(","):
                 runtimes[f"onnxruntime[{level}]"] = OnnxRuntimeNetwork(
-                    path, args.device, threads=args.threads, optimization=level
+                    onnx_file, args.device, threads=args.threads, optimization=level
                 )
+        elif name == "openvino":
+            runtimes[label] = OpenVinoNetwork(onnx_file, args.device, threads=args.threads, precision=dtype)
         elif name == "release":
             if args.reference is None:
                 raise SystemExit(
                     "error: --runtime release needs --reference <checkout of the authors' release>"
                 )
-            runtimes[name] = release_network(args.reference, model, cfg)
+            runtimes[label] = under_autocast(release_network(args.reference, model, cfg), device, dtype)
         else:
             raise SystemExit(f"error: --runtime {name} is not one of {'|'.join(RUNTIMES)}")
     return runtimes
@@ -148,10 +176,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
     images = torch.rand(args.batch, 3, *model.img_size, device=device)
-    amp = AMP_DTYPES[args.dtype]
-    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
-    with tempfile.TemporaryDirectory() as folder, autocast:
+    with tempfile.TemporaryDirectory() as folder:
         gflops = None if args.no_flops else gflops_per_image(model, images)
         runtimes = build_runtimes(args, cfg, model, Path(folder))
         if device.type == "cuda":
@@ -165,7 +191,7 @@ def main() -> None:
 
         if args.profile:
             for name, network in runtimes.items():
-                if name in ("torch", "release"):
+                if name.partition("@")[0] in ("torch", "release"):
                     print_profile(name, network, images)
 
     params = count_params(model) / 1e6
@@ -183,12 +209,13 @@ def main() -> None:
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     if args.json:
-        name, values = next(iter(rates.items()))
+        label, values = next(iter(rates.items()))
+        name, _, dtype = label.partition("@")
         record = dict(
             model=cfg.model.name,
             img_size=list(model.img_size),
             batch=args.batch,
-            dtype=args.dtype,
+            dtype=dtype or "fp32",
             device=device.type,
             runtime=name,
             compile=(args.compile_mode or "default") if name == "torch-compile" else "off",

@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf
 
-from eomt.device import AMP_DTYPES
+from eomt.device import AMP_DTYPES, CPU_PRECISIONS
 from eomt.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -63,6 +63,9 @@ def check_config(cfg: DictConfig) -> None:
     precision = cfg.trainer.precision
     if precision not in AMP_DTYPES:
         raise ConfigError(f"trainer.precision={precision} is not one of {'|'.join(AMP_DTYPES)}")
+    cpu_precision = cfg.eval.get("cpu_precision", "fp32")
+    if cpu_precision not in CPU_PRECISIONS:
+        raise ConfigError(f"eval.cpu_precision={cpu_precision} is not one of {'|'.join(CPU_PRECISIONS)}")
     crop, patch = list(cfg.dataset.crop_size), cfg.model.get("patch_size")
     if patch and any(side % patch for side in crop):
         fitting = [max(patch, round(side / patch) * patch) for side in crop]

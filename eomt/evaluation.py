@@ -34,7 +34,7 @@ from eomt import distributed
 from eomt.atomic import write_json
 from eomt.data import build_dataset
 from eomt.data.collate import collate_eval
-from eomt.device import AMP_DTYPES
+from eomt.device import inference_autocast
 from eomt.errors import ConfigError
 from eomt.inference.predictor import Predictor
 from eomt.metrics.table import format_table, scalar_metrics
@@ -187,6 +187,7 @@ class Evaluation:
         masked_attn: bool = False,
         per_block: bool = False,
         precision: str = "fp32",
+        cpu_precision: str = "fp32",
         crop: Sequence[int] | None = None,
     ):
         """`crop`: the network's input size; given, the loader's workers resize each image for the
@@ -202,6 +203,7 @@ class Evaluation:
         self.masked = bool(masked_attn or per_block)  # per-block predictions need masked attention
         self.per_block = per_block
         self.precision = precision
+        self.cpu_precision = cpu_precision
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -231,6 +233,7 @@ class Evaluation:
             masked_attn=cfg.eval.masked_attn,
             per_block=cfg.eval.per_block,
             precision=cfg.eval.precision,
+            cpu_precision=cfg.eval.cpu_precision,
             crop=tuple(cfg.model.img_size),
         )
 
@@ -269,7 +272,7 @@ class Evaluation:
                 "dataset": self.dataset_name,
                 "step": step,
                 "metrics": headline,
-                "params": count_params(model),
+                "params": count_params(model) or None,  # None: an exported file's runtime
                 "details": _plain(metrics),
             }
             if benchmark:
@@ -285,15 +288,16 @@ class Evaluation:
     def forward_cost(self, model: nn.Module) -> dict[str, float]:
         """GFLOPs and images/s of the network alone at batch 1 and the crop size, as the paper reports."""
         images = torch.rand(1, 3, *model.img_size, device=self.device)
-        amp = AMP_DTYPES[self.precision] if self.device.type == "cuda" else None
         was_training = model.training
         model.eval()
         try:
             with (
                 masked_attention(model, self.masked),
-                torch.autocast(self.device.type, dtype=amp, enabled=amp is not None),
+                inference_autocast(self.device, self.precision, self.cpu_precision),
             ):
-                gflops = gflops_per_image(model, images)
+                # an exported file's runtime (no parameters here) runs outside PyTorch's FLOP counter
+                has_params = next(model.parameters(), None) is not None
+                gflops = gflops_per_image(model, images) if has_params else None
                 iters = 50 if self.device.type == "cuda" else 3
                 fps = images_per_second(model, images, iters=iters, warmup=min(iters, 10))
         finally:

@@ -3,14 +3,17 @@
     python -m eomt.predict checkpoint=<file|run dir> input=<image|folder> output=<dir> [model=vit_l dataset=coco task=panoptic ...]
     python -m eomt.predict runtime=onnxruntime model_file=<file.onnx> input=<image|folder> output=<dir>
 
-`checkpoint`, `input` and `output` (and optionally `device=auto|cpu|cuda`, `batch_size=1`) are
-this command's own arguments; every other argument is a Hydra override of the training config
-(conf/train.yaml), which picks the network, the class names and the task's post-processing
-(`eval.predictor.<task>`, e.g. `eval.predictor.panoptic.score_threshold=0.5`).
+`checkpoint`, `input` and `output` (and optionally `device=auto|cpu|cuda`, `batch_size=1`, `compile=true`
+to torch.compile the network) are this command's own arguments; every other argument is a Hydra override
+of the training config (conf/train.yaml), which picks the network, the class names and the task's
+post-processing (`eval.predictor.<task>`, e.g. `eval.predictor.panoptic.score_threshold=0.5`).
 
-`runtime=onnxruntime|torch-export` runs a file written by `python -m eomt.export` (`model_file=`, no
+`runtime=onnxruntime|openvino|torch-export` runs a file written by `python -m eomt.export` (`model_file=`, no
 checkpoint) through the same pre- and post-processing: the file's metadata gives the task and the classes
 (a `dataset=`/`task=` override must agree with them).
+
+On a CPU with native bf16 (AVX512-BF16 or AMX), `eval.cpu_precision=bf16` runs runtime=torch under bf16
+autocast and runtime=openvino at bf16: faster, at bf16 accuracy (README, Deploying, has both measured).
 
 Written to `output`:
 - overlays/<image>.png: the prediction painted on the image with class names;
@@ -67,6 +70,7 @@ class PredictArgs:
     batch_size: int = 1
     runtime: str = "torch"  # torch (a checkpoint) | onnxruntime | torch-export (an exported model_file)
     model_file: Path | None = None
+    compile: bool = False  # torch.compile the network (runtime=torch)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
@@ -77,6 +81,11 @@ def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
     missing = [k for k in (model_key, "input", "output") if k not in own]
     if missing:
         raise ConfigError(f"missing {', '.join(f'{k}=...' for k in missing)}; {USAGE}")
+    compile_ = own.get("compile", "false").lower()
+    if compile_ not in ("true", "false"):
+        raise ConfigError(f"compile={own['compile']} must be true or false")
+    if compile_ == "true" and runtime != "torch":
+        raise ConfigError(f"compile=true compiles a PyTorch checkpoint; runtime={runtime} runs its own file")
     batch_size = own.get("batch_size", "1")
     if not batch_size.isdigit() or int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")
@@ -88,6 +97,7 @@ def parse_args(argv: Sequence[str]) -> tuple[PredictArgs, list[str]]:
         batch_size=int(batch_size),
         runtime=runtime,
         model_file=Path(own["model_file"]) if "model_file" in own else None,
+        compile=compile_ == "true",
     )
     return args, overrides
 
@@ -128,7 +138,10 @@ def load_network(
         check_config(cfg)
         return api.load_model(cfg.model, args.checkpoint).to(device), cfg
     cfg = compose(overrides)
-    network = load_exported(args.runtime, args.model_file, "auto" if args.device == "auto" else device)
+    check_config(cfg)
+    network = load_exported(
+        args.runtime, args.model_file, "auto" if args.device == "auto" else device, cfg.eval.cpu_precision
+    )
     meta = network.metadata
     if any(o.lstrip("+~").split("=")[0].split(".")[0] in ("dataset", "task") for o in overrides):
         meta.check_matches(cfg.task.name, list(cfg.dataset.class_names), args.model_file)
@@ -138,11 +151,26 @@ def load_network(
     return network, cfg
 
 
+def run_network(predictor, model: nn.Module, inputs: list, compiled: bool) -> list[dict]:
+    """The predictor's predictions; a failing torch.compile says so in one line."""
+    try:
+        return predictor(model, inputs)
+    except Exception as e:
+        if not (compiled and isinstance(e, torch._dynamo.exc.TorchDynamoException)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"compile=true failed ({type(e).__name__}: {first}); run without compile=true"
+        ) from e
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     images = find_images(args.input)
     device = resolve_device(args.device)
     model, cfg = load_network(args, overrides, device)
+    if args.compile:
+        model = torch.compile(model)
     task = cfg.task.name
     class_names = list(cfg.dataset.class_names or (str(i) for i in range(cfg.dataset.num_classes)))
     thing_classes = set(cfg.dataset.thing_classes)
@@ -181,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             samples.append({"image": image, "input": network_input, "image_id": name, "file_name": name})
         if not samples:
             continue
-        predictions = predictor(model, [s["input"] for s in samples])
+        predictions = run_network(predictor, model, [s["input"] for s in samples], args.compile)
         writer(predictions, samples)
         for prediction, sample in zip(predictions, samples, strict=True):
             overlay = overlay_prediction(task, sample["image"], prediction, None, class_names)

@@ -136,7 +136,9 @@ def test_training_state_round_trips_with_the_rng_streams(tmp_path):
     expected_draw = torch.rand(3)
 
     fresh_model, fresh_optimizer, fresh_scaler = parts(1)
-    state = restore_training_state(CheckpointManager.load(path), model=fresh_model, optimizer=fresh_optimizer, scaler=fresh_scaler)
+    state = restore_training_state(
+        CheckpointManager.load(path), model=fresh_model, optimizer=fresh_optimizer, scaler=fresh_scaler
+    )
     assert state == {"step": 7, "skipped": 2}
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the saved run was
     for key, value in model.state_dict().items():

@@ -11,7 +11,7 @@ import evaluate
 import train
 from eomt.config import compose
 from eomt.data.synthetic import generate
-from eomt.errors import CheckpointError
+from eomt.errors import CheckpointError, ConfigError
 from eomt.model import build_model
 from eomt.model.export_hf import export_hf
 
@@ -131,3 +131,20 @@ def test_class_names_from_the_data_json(tmp_path):
         )
         assert "PQ" in record["metrics"]
         assert len(list((out / "overlays").glob("*.png")) if overlays else []) == overlays
+
+
+def test_an_exported_file_scores_as_its_checkpoint(tmp_path):
+    pytest.importorskip("openvino", reason="pip install -e '.[export]'")  # CI installs it (make test)
+    from eomt.export import main as export
+
+    model = tiny_model("dataset=synthetic", "dataset.crop_size=[64,64]", "model.masked_attn=false")
+    ckpt = save_ours(model, tmp_path / "m.pt")
+    onnx_file = export([f"checkpoint={ckpt}", f"out={tmp_path / 'm.onnx'}", "experiment=demo"])
+    common = ["experiment=demo", "model.masked_attn=false"]
+    _, want = run_evaluate(tmp_path / "torch", *common, f"checkpoint={ckpt}")
+    _, got = run_evaluate(tmp_path / "ov", *common, "runtime=openvino", f"model_file={onnx_file}")
+    assert got["metrics"] == pytest.approx(want["metrics"]) and got["params"] is None and got["fps"] > 0
+    with pytest.raises(ConfigError, match="runtime=openvino scores an exported file: add model_file="):
+        run_evaluate(tmp_path / "x", *common, "runtime=openvino")
+    with pytest.raises(ConfigError, match="checkpoint=... is missing"):
+        run_evaluate(tmp_path / "x", *common)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +16,13 @@ from eomt.config import compose
 from eomt.errors import ConfigError
 from eomt.export import ExportMetadata, MissingPackage, config_hash, export, main, require
 from eomt.inference import PanopticPredictor, SemanticPredictor
-from eomt.inference.runtime import OnnxRuntimeNetwork, TorchExportNetwork
+from eomt.inference.runtime import OnnxRuntimeNetwork, OpenVinoNetwork, TorchExportNetwork
 from eomt.model import EoMT, build_model
 from eomt.predict import main as predict
 
 pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")  # CI installs it (make test)
 
+ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["model=tiny", "dataset=synthetic"]
 TOLERANCE = 1e-4  # fp32 logits, ONNX Runtime vs PyTorch eager
 
@@ -80,7 +84,8 @@ def images(tmp_path_factory):
 def test_demo_files_carry_metadata_and_match_eager(demo):
     folder, model, run_config = demo
     cfg = compose(DEMO)
-    for network in (OnnxRuntimeNetwork(folder / "demo.onnx"), TorchExportNetwork(folder / "demo.pt2")):
+    networks = [OnnxRuntimeNetwork(folder / "demo.onnx"), OpenVinoNetwork(folder / "demo.onnx")]
+    for network in [*networks, TorchExportNetwork(folder / "demo.pt2")]:
         meta = network.metadata
         assert meta.task == "panoptic" and meta.class_names == list(cfg.dataset.class_names)
         assert meta.thing_classes == [0, 1, 2] and meta.stuff_classes == [3, 4]
@@ -101,6 +106,7 @@ def test_onnx_vit_s_non_square_and_dinov3_rope(tmp_path, make_tiny_eomt):
         model.eval()
         path = export(model, metadata(model), tmp_path / f"{name}.onnx")
         assert_close(OnnxRuntimeNetwork(path), model)
+        assert_close(OpenVinoNetwork(path), model)
 
 
 def test_predictors_give_identical_maps(demo):
@@ -131,23 +137,55 @@ def test_uint8_input_is_normalised_inside_the_graph(tmp_path, make_tiny_eomt):
     assert (got_classes - want_classes).abs().max() <= TOLERANCE
 
 
-def test_predict_onnxruntime_writes_the_same_maps_as_pytorch(demo, images, tmp_path):
+def test_predict_onnxruntime_and_openvino_write_the_same_maps_as_pytorch(demo, images, tmp_path):
     folder, _, _ = demo
     low = "eval.predictor.panoptic.score_threshold=0.0"  # the random network's queries make segments
     common = [f"input={images}", "device=cpu", low]
     predict([f"checkpoint={folder / 'demo.pt'}", f"output={tmp_path / 'torch'}", *common, *DEMO])
-    # no model=/dataset=: the file's metadata names the task and the classes
-    predict(
-        ["runtime=onnxruntime", f"model_file={folder / 'demo.onnx'}", f"output={tmp_path / 'ort'}", *common]
-    )
-    for name in ("a.png", "b.png"):
-        with (
-            Image.open(tmp_path / "torch" / "panoptic" / name) as want,
-            Image.open(tmp_path / "ort" / "panoptic" / name) as got,
-        ):
-            assert np.array_equal(np.asarray(got), np.asarray(want))
-    categories = json.loads((tmp_path / "ort" / "categories.json").read_text())
-    assert categories == json.loads((tmp_path / "torch" / "categories.json").read_text())
+    for runtime in ("onnxruntime", "openvino"):
+        # no model=/dataset=: the file's metadata names the task and the classes
+        out = tmp_path / runtime
+        predict([f"runtime={runtime}", f"model_file={folder / 'demo.onnx'}", f"output={out}", *common])
+        for name in ("a.png", "b.png"):
+            with (
+                Image.open(tmp_path / "torch" / "panoptic" / name) as want,
+                Image.open(out / "panoptic" / name) as got,
+            ):
+                assert np.array_equal(np.asarray(got), np.asarray(want))
+        categories = json.loads((out / "categories.json").read_text())
+        assert categories == json.loads((tmp_path / "torch" / "categories.json").read_text())
+
+
+def test_openvino_bf16_where_the_cpu_has_it_and_a_clear_line_where_not(demo):
+    folder, model, _ = demo
+    import openvino
+
+    with pytest.raises(ConfigError, match="runtime=openvino runs on the CPU, not device=cuda"):
+        OpenVinoNetwork(folder / "demo.onnx", "cuda")
+
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(ConfigError, match="this CPU has no native bf16"):
+            OpenVinoNetwork(folder / "demo.onnx", precision="bf16")
+        return
+    network = OpenVinoNetwork(folder / "demo.onnx", precision="bf16")
+    assert network.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.bf16
+    images = torch.rand(2, 3, *model.img_size)
+    (got_masks,), (got_classes,) = network(images)
+    want_masks, want_classes = eager(model, images)
+    assert 0 < (got_masks - want_masks).abs().max() < 0.1  # bf16, not fp32: close, not equal
+    assert (got_classes - want_classes).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "torch-export"])
+def test_a_damaged_or_wrong_model_file_is_one_line(demo, images, tmp_path, runtime):
+    folder, _, _ = demo
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes((folder / "demo.onnx").read_bytes()[:3000])
+    for path in (damaged, folder / "demo.pt"):  # cut short; a checkpoint, not an exported file
+        args = [f"runtime={runtime}", f"model_file={path}", f"input={images}", f"output={tmp_path}"]
+        with pytest.raises(ConfigError, match=f"model_file={path} is not a readable .* file") as error:
+            predict(args)
+        assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -155,9 +193,12 @@ def test_predict_onnxruntime_writes_the_same_maps_as_pytorch(demo, images, tmp_p
     [
         (["dataset=coco"], "differ from the dataset config's 133"),
         (["dataset=synthetic", "task=semantic"], "is a panoptic model but task=semantic"),
+        (["eval.cpu_precision=bf16"], "runtime=onnxruntime runs the exported file in its own precision"),
     ],
 )
-def test_predict_rejects_a_file_of_other_classes_or_task(demo, images, tmp_path, overrides, message):
+def test_predict_rejects_a_file_of_other_classes_task_or_precision(
+    demo, images, tmp_path, overrides, message
+):
     folder, _, _ = demo
     args = [
         "runtime=onnxruntime",
@@ -179,3 +220,17 @@ def test_masked_attention_network_is_refused(tmp_path, make_tiny_eomt):
     model = make_tiny_eomt()
     with pytest.raises(ConfigError, match="model.masked_attn=false"):
         export(model, metadata(model), tmp_path / "x.onnx")
+
+
+def test_forward_bench_times_runtimes_each_at_its_own_precision(tmp_path):
+    args = ["model=tiny", "model.img_size=[32,32]", "--device", "cpu", "--rounds", "1", "--iters", "1"]
+    args += ["--warmup", "0", "--runtime", "torch,torch@bf16,openvino", "--json", str(tmp_path / "t.json")]
+    done = subprocess.run(
+        [sys.executable, "bench/forward.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split()[0] for line in done.stdout.splitlines() if "images/s" in line]
+    assert rows == ["torch", "torch@bf16", "openvino"]
+    record = json.loads((tmp_path / "t.json").read_text())  # the first runtime's
+    assert (record["runtime"], record["dtype"], record["img_size"]) == ("torch", "fp32", [32, 32])
+    assert record["gflops"] > 0 and record["images_per_s"] > 0

@@ -290,3 +290,30 @@ def test_inputs_prepared_at_another_crop_are_refused():
     inputs = [letterbox(halves(32, 32, 0, 1), (48, 48))]
     with pytest.raises(ValueError, match="img_size"):
         PanopticPredictor(thing_classes=[0])(StandInEoMT(img_size=(32, 32)), inputs)
+
+
+class AutocastRecorder(StandInEoMT):
+    """The stand-in network, keeping the CPU autocast dtype of each call (None: no autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def forward(self, images):
+        on = torch.is_autocast_enabled("cpu")
+        self.dtypes.append(torch.get_autocast_dtype("cpu") if on else None)
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("make", [PanopticPredictor, InstancePredictor, SemanticPredictor])
+def test_cpu_precision_bf16_runs_the_network_in_bf16_autocast_on_the_cpu(make):
+    kwargs = {"thing_classes": [0]} if make is PanopticPredictor else {}
+    model = AutocastRecorder()
+    images = [halves(32, 32, 0, 1)]
+    fp32 = make(**kwargs)(model, images)
+    bf16 = make(**kwargs, cpu_precision="bf16", precision="fp16")(model, images)  # precision: CUDA only
+    assert model.dtypes == [None, torch.bfloat16]
+    for a, b in zip(fp32, bf16, strict=True):  # the stand-in's clear-cut maps are the same at bf16
+        assert all(torch.equal(a[k], b[k]) for k in a if k in ("id_map", "semantic", "masks", "labels"))
+    with pytest.raises(ValueError, match="cpu_precision=fp16 is not one of fp32|bf16"):
+        make(**kwargs, cpu_precision="fp16")

@@ -1,8 +1,11 @@
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from eomt.model import EoMT, build_model
 from eomt.model.attention import attention
+from eomt.profiling import gflops_per_image
 
 FAMILIES = ["dinov2", "dinov3"]
 
@@ -255,3 +258,15 @@ def test_gradients_have_the_layout_of_their_parameters_so_ddp_does_not_warn(make
         dist.destroy_process_group()
     assert not [w for w in caught if "strides" in str(w.message)]
     assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.grad is not None)
+
+
+def test_cpu_flop_count_includes_attention(make_tiny_eomt):
+    q = torch.rand(2, 3, 50, 8)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # the CPU's fused kernel
+    assert counter.get_total_flops() == 2 * 2 * (2 * 3 * 50 * 50 * 8)  # q k^T and (softmax) v
+    model = make_tiny_eomt(masked_attn=False).eval()
+    images = torch.rand(1, 3, *model.img_size)
+    with sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls, which the counter always knew
+        plain = gflops_per_image(model, images)
+    assert gflops_per_image(model, images) == pytest.approx(plain)

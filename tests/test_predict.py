@@ -94,6 +94,10 @@ def test_argument_errors_are_one_line():
         parse_args(["checkpoint"])
     args, overrides = parse_args(["checkpoint=c", "input=i", "output=o", "model=vit_s", "batch_size=4"])
     assert args.batch_size == 4 and overrides == ["model=vit_s"]
+    with pytest.raises(ConfigError, match="compile=maybe must be true or false"):
+        parse_args(["checkpoint=c", "input=i", "output=o", "compile=maybe"])
+    with pytest.raises(ConfigError, match="runtime=onnxruntime runs its own file"):
+        parse_args(["runtime=onnxruntime", "model_file=m", "input=i", "output=o", "compile=true"])
 
 
 def test_an_unreadable_image_is_skipped_named_and_counted(checkpoint, images, tmp_path, caplog, capsys):
@@ -136,3 +140,15 @@ def test_an_unusable_checkpoint_is_one_line_and_exit_1(images, tmp_path, content
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad} {message}"), done.stderr
+
+
+def test_compiled_bf16_predictions_match_eager_bf16(images, tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path, "semantic")
+    maps = {}
+    for name, extra in {"eager": [], "compiled": ["compile=true"]}.items():
+        run(checkpoint, images / "a.png", tmp_path / name, "task=semantic", "eval.cpu_precision=bf16", *extra)
+        maps[name] = np.asarray(Image.open(tmp_path / name / "semantic" / "a.png"))
+    assert maps["compiled"].shape == (50, 70)
+    assert (maps["compiled"] == maps["eager"]).mean() > 0.99
+    with pytest.raises(ConfigError, match="eval.cpu_precision=fp16 is not one of fp32|bf16"):
+        run(checkpoint, images / "a.png", tmp_path / "x", "task=semantic", "eval.cpu_precision=fp16")

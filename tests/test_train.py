@@ -298,4 +298,6 @@ def test_a_stop_that_kills_the_evaluation_loader_saves_the_step_and_exits_0(tmp_
         train.train(run_)
     assert stopped.value.code == 0
     assert [p.name for p in run_.checkpoints.checkpoints()] == ["step_00000002.pt"]
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM: checkpoint saved to")
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM: checkpoint saved to")
+    )

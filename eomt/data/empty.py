@@ -82,7 +82,12 @@ def scan_pngs(
                 return [bool(f) for f in flags]
         except (OSError, ValueError):
             pass  # unreadable: scan again
-    log.info("%s: looking for empty targets in the label PNGs of %d images (once; cached in %s)", kind, len(members), cache)
+    log.info(
+        "%s: looking for empty targets in the label PNGs of %d images (once; cached in %s)",
+        kind,
+        len(members),
+        cache,
+    )
 
     def check(item: Sequence[tuple[Store, str]]) -> bool:
         try:

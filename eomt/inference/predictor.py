@@ -5,8 +5,8 @@ letterbox or the sliding windows of `eomt.inference.resize`, PIL's BILINEAR as t
 evaluation calls it in the data-loading workers (`eomt.data.collate.collate_eval`).
 `predictor(model, inputs)` takes those prepared inputs, or raw uint8 images which it prepares the
 same way at the model's crop, runs the network once on the batch (on the model's device, under
-autocast when `precision` asks for it) and post-processes in float32, back at each image's
-original size. `predictor.predict(model, inputs, all_blocks=True)` returns one list per
+autocast when `precision` (CUDA) or `cpu_precision` (CPU) asks for it) and post-processes in
+float32, back at each image's original size. `predictor.predict(model, inputs, all_blocks=True)` returns one list per
 prediction point of the network (one per query block when masked attention is on, then the
 final one), for per-block metrics.
 
@@ -21,13 +21,12 @@ Prediction formats (tensors on the model's device):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from eomt.device import AMP_DTYPES
+from eomt.device import AMP_DTYPES, CPU_PRECISIONS, inference_autocast
 from eomt.inference.postprocess import (
     instance_masks,
     instance_topk,
@@ -66,10 +65,13 @@ Input = NetworkInput | torch.Tensor  # prepared, or a raw uint8 image (3,H,W)
 class Predictor:
     """Shared by the three tasks: input preparation, autocast, forward, the prediction points."""
 
-    def __init__(self, precision: str = "fp32"):
+    def __init__(self, precision: str = "fp32", cpu_precision: str = "fp32"):
         if precision not in AMP_DTYPES:
             raise ValueError(f"precision={precision} is not one of {'|'.join(AMP_DTYPES)}")
+        if cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(f"cpu_precision={cpu_precision} is not one of {'|'.join(CPU_PRECISIONS)}")
         self.precision = precision
+        self.cpu_precision = cpu_precision
 
     def prepare(self, image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
         """uint8 image (3,H,W) -> the network input of this task at `crop` (CPU work)."""
@@ -108,10 +110,7 @@ class Predictor:
     def _forward(
         self, model: nn.Module, batch: torch.Tensor, all_blocks: bool
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        dtype = AMP_DTYPES[self.precision]
-        use_amp = dtype is not None and batch.device.type == "cuda"
-        autocast = torch.autocast(batch.device.type, dtype=dtype) if use_amp else contextlib.nullcontext()
-        with autocast:
+        with inference_autocast(batch.device, self.precision, self.cpu_precision):
             mask_logits, class_logits = model(batch)
         points = list(zip(mask_logits, class_logits, strict=True))
         if all_blocks and len(points) == 1:
@@ -143,8 +142,9 @@ class PanopticPredictor(LetterboxPredictor):
         score_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
         precision: str = "fp32",
+        cpu_precision: str = "fp32",
     ):
-        super().__init__(precision)
+        super().__init__(precision, cpu_precision)
         self.thing_classes = [int(c) for c in thing_classes]
         self.score_threshold = score_threshold
         self.overlap_threshold = overlap_threshold
@@ -172,8 +172,8 @@ class PanopticPredictor(LetterboxPredictor):
 class InstancePredictor(LetterboxPredictor):
     """Letterbox inference + top-k (query, class) pairs, masks at logit > 0."""
 
-    def __init__(self, topk: int = 100, precision: str = "fp32"):
-        super().__init__(precision)
+    def __init__(self, topk: int = 100, precision: str = "fp32", cpu_precision: str = "fp32"):
+        super().__init__(precision, cpu_precision)
         self.topk = topk
 
     def _predict(self, model, boxes, all_blocks):
@@ -192,8 +192,10 @@ class InstancePredictor(LetterboxPredictor):
 class SemanticPredictor(Predictor):
     """Sliding-window inference; per-pixel class scores averaged over overlapping windows."""
 
-    def __init__(self, precision: str = "fp32", windows_per_step: int | None = None):
-        super().__init__(precision)
+    def __init__(
+        self, precision: str = "fp32", windows_per_step: int | None = None, cpu_precision: str = "fp32"
+    ):
+        super().__init__(precision, cpu_precision)
         self.windows_per_step = windows_per_step  # caps the network's batch (memory); None = all
 
     def prepare(self, image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
