@@ -28,7 +28,7 @@ from torch import nn
 
 from eomt import distributed, model_zoo
 from eomt.api import load_model
-from eomt.config import check_config
+from eomt.config import check_config, check_overrides
 from eomt.device import resolve_device
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import METRICS_FILE, Evaluation
@@ -97,4 +97,6 @@ if __name__ == "__main__":
             f"released checkpoint: its preset {' '.join(added)} (pass experiment= to choose another)",
             flush=True,
         )
+    with user_errors():
+        check_overrides(sys.argv[1:], "evaluate")
     main()

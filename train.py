@@ -10,6 +10,7 @@ DDP, TensorBoard, periodic atomic checkpoints and automatic resume from the run 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from eomt import distributed
 from eomt.api import load_model
 from eomt.checkpointing import CheckpointManager, restore_training_state, save_training_state
-from eomt.config import check_config
+from eomt.config import check_config, check_overrides
 from eomt.data import build_dataset
 from eomt.data.collate import collate_train, count_skipped
 from eomt.data.sampler import ResumableSampler, SeededSamples
@@ -530,4 +531,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    with user_errors():
+        check_overrides(sys.argv[1:], "train")
     main()

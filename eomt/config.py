@@ -7,6 +7,7 @@ from pathlib import Path
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,8 +47,34 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except HydraException as e:
+        raise composition_error(e) from None
     finally:
         restore_gh_from_backup(running_app)
+
+
+def composition_error(error: HydraException) -> ConfigError:
+    """Hydra's multi-line composition error as one line naming the fix."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return ConfigError(
+            f"{group}={name} is not in conf/{group}/: use one of {'|'.join(sorted(error.options))}"
+        )
+    message = str(error)
+    if message.startswith("Could not override '") and "+" in message:
+        key = message.split("'")[1]
+        return ConfigError(f"{key} is not a config key: check its spelling (+{key}=... adds a new key)")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    noise = ("Config search path", "provider=", "full_key:", "object_type=", "Set the environment variable")
+    return ConfigError(" ".join(line for line in lines if not line.startswith(noise)))
+
+
+def check_overrides(argv: Sequence[str], config_name: str) -> None:
+    """Compose `config_name` with a Hydra app's command line before the app starts, so that a bad
+    override is one line (ConfigError) rather than Hydra's report. Command lines with flags
+    (-m sweeps, --cfg, ...) are left to Hydra."""
+    if not any(arg.startswith("-") for arg in argv):
+        compose(argv, config_name)
 
 
 def check_config(cfg: DictConfig) -> None:

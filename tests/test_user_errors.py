@@ -155,3 +155,18 @@ def test_report_synthetic_and_a_bench_script(tmp_path):
         ["bench/loader.py", "--images", "2", "--workers", "0", "--data", str(tmp_path / "bench")]
     )
     assert_one_line(done, "train2017.zip is not a readable zip archive")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.py", "model=vit_x"], "model=vit_x is not in conf/model/: use one of "),
+        (["train.py", "trainer.lr_typo=1"], "trainer.lr_typo is not a config key: check its spelling"),
+        (
+            ["evaluate.py", "checkpoint=x.pt", "dataset=kitti"],
+            "dataset=kitti is not in conf/dataset/: use one of",
+        ),
+    ],
+)
+def test_a_bad_override_of_a_hydra_app_is_one_line(args, message):
+    assert_one_line(run_entry(args), message)
