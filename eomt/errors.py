@@ -32,10 +32,14 @@ class CheckpointError(UserError, ValueError):
 def user_errors() -> Iterator[None]:
     """Wrap an entry point's work: a UserError (or a missing file) ends it with one line, exit 1.
 
-    Also when Hydra's `instantiate` wrapped it (a dataset or model constructor raised it).
+    Also when Hydra's `instantiate` wrapped it (a dataset or model constructor raised it). Ctrl-C
+    (where the work has no handler of its own, as training's loop has) is one line, exit 130.
     """
     try:
         yield
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as e:
         cause = user_error_in(e)
         if cause is None:

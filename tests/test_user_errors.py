@@ -58,6 +58,9 @@ def test_user_errors_unwraps_hydras_instantiate_and_keeps_programming_errors(cap
     assert capsys.readouterr().err == "error: data.zip is not a readable zip archive\n"
     with pytest.raises(KeyError), user_errors():
         raise KeyError("a bug keeps its traceback")
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        raise KeyboardInterrupt  # Ctrl-C where no handler of the work's own saves anything
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted (Ctrl-C)\n"
     with pytest.raises(SystemExit), user_errors():
         raise ConfigError("bad value")
 
