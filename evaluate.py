@@ -4,7 +4,7 @@
     python evaluate.py experiment=demo checkpoint=outputs/demo     # a run directory: its newest checkpoint
     python evaluate.py checkpoint=tue-mps/coco_panoptic_eomt_large_640 dataset.root=/data/coco  # a released
         # model (docs/model_zoo.md), fetched through the Hugging Face cache; its preset unless experiment= is given
-    python evaluate.py experiment=demo runtime=openvino model_file=demo.onnx eval.cpu_precision=bf16
+    python evaluate.py experiment=demo runtime=openvino model_file=demo.onnx eval.cpu_precision=bf16 name=demo_ov
         # a file of python -m eomt.export in its runtime (onnxruntime | openvino | torch-export)
     torchrun --nproc_per_node 4 evaluate.py ...      # the images are split over the ranks
 
