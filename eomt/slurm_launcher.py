@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,11 @@ from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 log = logging.getLogger(__name__)
 
 LEFT_QUEUE = "LEFT_QUEUE"  # a job squeue no longer lists has ended; its result file tells how
+# States in which submitit waits on; any other state ends the job for it (submitit's Job.done).
+ACTIVE_STATES = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED"}
+# A job that requeues itself (time limit, preemption: submitit's checkpointing) shows a failed or cancelled
+# state for a moment on its way back to PENDING; such a state counts once it has held this long.
+SETTLE_S = 15.0
 
 
 def accounting_enabled() -> bool:
@@ -37,7 +43,15 @@ def accounting_enabled() -> bool:
 
 
 class SqueueWatcher(SlurmInfoWatcher):
-    """submitit's job watcher reading `squeue` (this user's jobs, finished ones included) instead of `sacct`."""
+    """submitit's job watcher reading `squeue` (this user's jobs, finished ones included) instead of `sacct`.
+
+    A state other than COMPLETED that ends the job is reported as REQUEUED until it has held `SETTLE_S`
+    (submitit never looks at a job again once it has seen it end).
+    """
+
+    def __init__(self, delay_s: int = 60):
+        super().__init__(delay_s=delay_s)
+        self._ended_since: dict[str, float] = {}
 
     def _make_command(self) -> list[str] | None:
         if not self._registered - self._finished:
@@ -47,6 +61,19 @@ class SqueueWatcher(SlurmInfoWatcher):
     def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
         text = string.decode() if isinstance(string, bytes) else string
         info = super().read_info("JobID|State|NodeList\n" + text)  # sacct's layout: a header, then rows
+        now = time.monotonic()
+        for job_id, row in info.items():
+            if job_id not in self._registered:
+                continue  # another job of this user's
+            state = (row.get("State") or "UNKNOWN").split()[0].upper()  # e.g. "CANCELLED by 0"
+            if state in ACTIVE_STATES or state == "COMPLETED":
+                self._ended_since.pop(job_id, None)
+            elif now - self._ended_since.setdefault(job_id, now) < SETTLE_S:
+                if self._ended_since[job_id] == now:
+                    log.info(
+                        "job %s shows %s: waiting %.0f s to see whether it requeues", job_id, state, SETTLE_S
+                    )
+                info[job_id] = {**row, "State": "REQUEUED"}  # perhaps on its way back to the queue
         for job_id in self._registered - self._finished - info.keys():
             info[job_id] = {"JobID": job_id, "State": LEFT_QUEUE, "NodeList": ""}
         return info

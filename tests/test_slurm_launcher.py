@@ -31,3 +31,24 @@ def test_accounting_is_read_from_scontrol(tmp_path, monkeypatch):
     assert accounting_enabled()
     scontrol.write_text("#!/bin/sh\nexit 1\n")  # no cluster configured: keep submitit's sacct
     assert accounting_enabled()
+
+
+def test_a_failed_state_counts_only_once_it_has_held(monkeypatch):
+    """A job requeueing itself passes through FAILED/CANCELLED on its way back to PENDING."""
+    clock = [100.0]
+    monkeypatch.setattr("eomt.slurm_launcher.time.monotonic", lambda: clock[0])
+    watcher = SqueueWatcher(delay_s=60)
+    watcher.register_job("84")
+    states = []
+    for seconds, row in [
+        (0, "RUNNING"),
+        (1, "FAILED"),
+        (2, "PENDING"),
+        (3, "CANCELLED by 0"),
+        (20, "CANCELLED"),
+    ]:
+        clock[0] = 100.0 + seconds
+        info = watcher.read_info(f"84|{row}|n1\n83|FAILED|n2\n".encode())
+        states.append(info["84"]["State"])
+        assert info["83"]["State"] == "FAILED"  # not one of the launcher's jobs: as squeue says
+    assert states == ["RUNNING", "REQUEUED", "PENDING", "REQUEUED", "CANCELLED"]
