@@ -73,6 +73,10 @@ _WORKER_DIED = "DataLoader worker"  # how PyTorch's errors about dead workers be
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
+def _child_exited(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD once a stop is pending: nothing to do (`next_batches()` notices dead workers)."""
+
+
 class PreemptionHandler:
     """Turns SIGUSR1/SIGUSR2/SIGTERM/SIGINT into a stop at the next step boundary, then a requeue.
 
@@ -149,12 +153,14 @@ class PreemptionHandler:
         PyTorch's SIGCHLD handler raises in the main thread wherever it happens to be; the loop's
         `next_batches()` notices dead workers by itself. Python runs pending handlers in signal
         number order, so this runs before a SIGCHLD sent by a worker that died of SIGINT/SIGTERM.
+        The replacement is a Python no-op, not SIG_DFL: a SIGCHLD already pending when the handler
+        changes would otherwise raise "OSError: Signal 17 ignored due to race condition".
         """
         if self._sigchld is None and hasattr(signal, "SIGCHLD"):
             current = signal.getsignal(signal.SIGCHLD)
             if callable(current):
                 self._sigchld = current
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGCHLD, _child_exited)
 
     @property
     def stop_requested(self) -> bool:

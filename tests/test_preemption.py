@@ -539,3 +539,20 @@ def test_submitit_signals_that_only_log_are_ignored_silently(monkeypatch):
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_worker_death_arriving_with_the_stop_signal_does_not_raise(handler):
+    """SIGTERM and a worker's SIGCHLD pending together: SIGTERM's handler (run first) sets PyTorch's
+    SIGCHLD handler aside; the pending SIGCHLD must then find a handler, not SIG_DFL."""
+    previous = signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # stands for PyTorch's
+    both = {signal.SIGTERM, signal.SIGCHLD}
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, both)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGCHLD)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # both arrive at once
+        assert handler.stop_requested
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+        signal.signal(signal.SIGCHLD, previous)
