@@ -26,7 +26,7 @@ LEFT_QUEUE = "LEFT_QUEUE"  # a job squeue no longer lists has ended; its result 
 ACTIVE_STATES = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED"}
 # A job that requeues itself (time limit, preemption: submitit's checkpointing) shows a failed or cancelled
 # state for a moment on its way back to PENDING; such a state counts once it has held this long.
-SETTLE_S = 15.0
+SETTLE_S = 60.0
 
 
 def accounting_enabled() -> bool:

@@ -45,7 +45,7 @@ def test_a_failed_state_counts_only_once_it_has_held(monkeypatch):
         (1, "FAILED"),
         (2, "PENDING"),
         (3, "CANCELLED by 0"),
-        (20, "CANCELLED"),
+        (70, "CANCELLED"),
     ]:
         clock[0] = 100.0 + seconds
         info = watcher.read_info(f"84|{row}|n1\n83|FAILED|n2\n".encode())
