@@ -31,6 +31,7 @@ def resolve_device(name: str) -> torch.device:
 CPU_PRECISIONS = ("fp32", "bf16")
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool | None:
     """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16); None where unknown."""
     try:
