@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from eomt import api, model_zoo
 from eomt.atomic import write_json
+from eomt.compilation import compile_for_inference
 from eomt.config import check_config, compose, split_key_values
 from eomt.device import resolve_device
 from eomt.errors import ConfigError, DataError, user_errors
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     device = resolve_device(args.device)
     model, cfg = load_network(args, overrides, device)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_for_inference(model)
     task = cfg.task.name
     class_names = list(cfg.dataset.class_names or (str(i) for i in range(cfg.dataset.num_classes)))
     thing_classes = set(cfg.dataset.thing_classes)

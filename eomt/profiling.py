@@ -26,8 +26,9 @@ def gflops_per_image(model: nn.Module, images: torch.Tensor) -> float:
     """FLOPs of one forward pass (a multiply-add counts 2) divided by the batch size, in 1e9.
 
     Grad mode stays as the caller has it: under no_grad the counter's module tracker trips over
-    expanded parameters (the Mask2Former baseline's)."""
-    with FlopCounterMode(display=False) as counter:
+    expanded parameters (the Mask2Former baseline's). Compiled regions run eagerly here: Dynamo cannot
+    trace under the counter's dispatch mode and would count graph breaks for nothing."""
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         model(images)
     return counter.get_total_flops() / images.shape[0] / 1e9
 
@@ -44,3 +45,29 @@ def images_per_second(network: nn.Module, images: torch.Tensor, iters: int = 20,
         network(images)
     synchronize()
     return iters * images.shape[0] / (time.perf_counter() - start)
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by CUDA device name, most specific first.
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+)
+
+
+def bf16_peak_flops(device_name: str) -> float | None:
+    """The GPU's dense bf16 peak in FLOP/s, or None for a GPU not in BF16_PEAK_TFLOPS."""
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
+def training_mfu(forward_gflops_per_image: float, images_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of training: forward + backward counted as 3 forwards, over the peak."""
+    return 3 * forward_gflops_per_image * 1e9 * images_per_s / peak_flops
