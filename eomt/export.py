@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from eomt import api
 from eomt.atomic import atomic_open
+from eomt.checkpoint_config import compose_for, training_config
 from eomt.checkpointing import resolve_checkpoint
-from eomt.config import compose, split_key_values
+from eomt.config import split_key_values
 from eomt.errors import ConfigError, user_errors
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
@@ -105,18 +106,6 @@ class ExportMetadata:
 
 def config_hash(config: Mapping) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def training_config(checkpoint: Path) -> dict | None:
-    """The resolved config a checkpoint of ours carries (None for the release's and Transformers' files)."""
-    if not checkpoint.is_file():
-        return None
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # safetensors and other formats that carry no config
-        return None
-    config = obj.get("config") if isinstance(obj, Mapping) else None
-    return config if isinstance(config, Mapping) else None
 
 
 def build_metadata(cfg: DictConfig, checkpoint: Path | None, input_dtype: str) -> ExportMetadata:
@@ -224,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         checkpoint = resolve_checkpoint(own["checkpoint"])
         overrides = [*overrides, "model.masked_attn=false"]
-        cfg = compose(overrides)
+        cfg = compose_for(overrides, own["checkpoint"])  # a run directory's or Transformers' own config
         metadata = build_metadata(cfg, checkpoint, own.get("input_dtype", "float32"))
         model = api.load_model(cfg.model, checkpoint)
         out = export(model, metadata, own["out"], own.get("format"))
