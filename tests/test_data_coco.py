@@ -274,3 +274,25 @@ def test_index_is_built_without_decoding_images(copy):
     with pytest.warns(CorruptSampleWarning), pytest.raises(RuntimeError, match="every one of the 3 samples"):
         dataset[0]
     assert dataset.skipped == 3
+
+
+def test_generated_coco_categories_read_with_the_coco_config(tmp_path, caplog):
+    """`python -m eomt.data.synthetic --layout coco` writes COCO's own categories: dataset=coco reads it."""
+    from eomt.config import compose
+    from eomt.data.synthetic import main
+
+    main(["--layout", "coco", "--out", str(tmp_path), "--train", "6", "--val", "2", "--size", "40x56"])
+    coco = compose(["dataset=coco"]).dataset
+    with caplog.at_level("INFO"):
+        dataset = CocoPanoptic(tmp_path, "train", class_names=list(coco.class_names), skip_empty=True)
+    assert dataset.thing_classes == list(coco.thing_classes)
+    scene_classes = {
+        coco.class_names.index(n) for n in ("sports ball", "tv", "kite", "sky-other-merged", "dirt-merged")
+    }
+    labels = {int(label) for i in range(len(dataset)) for label in dataset[i]["labels"]}
+    assert labels and labels <= scene_classes
+    assert f"COCO panoptic in {tmp_path}: left out" in caplog.text  # names the data it reads
+    instances = CocoInstance(
+        tmp_path, "val", class_names=list(compose(["dataset=coco", "task=instance"]).dataset.class_names)
+    )
+    assert len(instances) == 2

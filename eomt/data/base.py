@@ -73,7 +73,7 @@ class SegmentationDataset(Dataset):
         self.skipped = 0
         records = self.index()
         if skip_empty:
-            records = drop_empty(self.name, records, self.empty(records))
+            records = drop_empty(f"{self.name} in {self.root}", records, self.empty(records))
         self.records = PackedRecords(records)
 
     def index(self) -> list:
