@@ -28,6 +28,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the network."""
 
 
+class DiskFullError(UserError):
+    """A file that could not be written because its device is full (or the quota is used up)."""
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Wrap an entry point's work: a UserError (or a missing file) ends it with one line, exit 1.

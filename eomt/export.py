@@ -31,9 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from eomt import api
-from eomt.atomic import atomic_open
+from eomt.atomic import atomic_open, disk_full_as_one_line
 from eomt.checkpoint_config import compose_for, training_config
-from eomt.checkpointing import resolve_checkpoint
+from eomt.checkpointing import resolve_checkpoint, tensor_bytes
 from eomt.config import split_key_values
 from eomt.errors import ConfigError, user_errors
 
@@ -151,6 +151,11 @@ def _example_input(network: nn.Module, metadata: ExportMetadata) -> tuple[Tensor
     return images, {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
 
 
+def _weight_bytes(network: nn.Module) -> int:
+    """About the size of an exported file: its weights."""
+    return tensor_bytes(network.state_dict())
+
+
 def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) -> None:
     require("onnxscript", "ONNX export")
     require("onnx", "ONNX export")
@@ -168,7 +173,10 @@ def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) 
     # Written in a temporary folder first; weights over 2 GB go to an external `<name>.data` file next to it,
     # moved into place before the .onnx that names it.
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    with (
+        disk_full_as_one_line(out, _weight_bytes(network)),
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp,
+    ):
         program.save(Path(tmp) / out.name)
         files = sorted(Path(tmp).iterdir(), key=lambda p: p.name == out.name)
         for file in files:
@@ -178,7 +186,7 @@ def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) 
 def export_pt2(network: InferenceNetwork, metadata: ExportMetadata, out: Path) -> None:
     images, dynamic = _example_input(network, metadata)
     program = torch.export.export(network, (images,), dynamic_shapes=dynamic)
-    with atomic_open(out, "wb") as f:
+    with atomic_open(out, "wb", size=_weight_bytes(network)) as f:
         torch.export.save(program, f, extra_files={PT2_METADATA_FILE: json.dumps(asdict(metadata))})
 
 
