@@ -225,7 +225,10 @@ def test_mismatched_checkpoint_counts_the_problems_in_one_line(make_tiny_eomt, t
         load_checkpoint(deeper, path)
     message = str(error.value)
     assert "\n" not in message
-    assert "15 keys differ (1 shapes, 14 missing, 0 unexpected), first q.weight: checkpoint (9, 64) vs" in message
+    assert (
+        "15 keys differ (1 shapes, 14 missing, 0 unexpected), first q.weight: checkpoint (9, 64) vs"
+        in message
+    )
     assert "run directory" in message and "model.num_queries" in message
 
     hf_dir = tmp_path / "hf"

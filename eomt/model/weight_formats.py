@@ -402,9 +402,11 @@ def load_checkpoint(
     unexpected = [k for k in state if k not in expected]
     unexpected += [f"{k} (checkpoint key with no place in EoMT)" for k in converted.unplaced]
     missing += [f"{k} (in checkpoint, incomplete)" for k in converted.incomplete]
-    differ = mismatched + [f"{k} missing from checkpoint" for k in missing] + [
-        f"{k} unexpected in checkpoint" for k in unexpected
-    ]
+    differ = (
+        mismatched
+        + [f"{k} missing from checkpoint" for k in missing]
+        + [f"{k} unexpected in checkpoint" for k in unexpected]
+    )
     if differ:
         hint = ""
         if any(k.endswith(("attn.q_bias", "attn.v_bias")) for k in unexpected):
