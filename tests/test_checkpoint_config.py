@@ -58,10 +58,21 @@ def test_overrides_still_win_over_the_run_config(run_dir):
         api.load(["model.num_queries=4"], checkpoint=str(run))
 
 
-def test_transformers_folder_loads_from_its_config_json(tmp_path):
-    config = transformers.EomtConfig(**HF_DIMS, id2label={i: f"thing{i}" for i in range(5)})
+DINOV3 = dict(
+    intermediate_size=256, layer_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100.0}
+)
+HF_MODELS = {
+    "dinov2": (transformers.EomtConfig, transformers.EomtForUniversalSegmentation, {}),
+    "dinov3": (transformers.EomtDinov3Config, transformers.EomtDinov3ForUniversalSegmentation, DINOV3),
+}
+
+
+@pytest.mark.parametrize("family", HF_MODELS)
+def test_transformers_folder_loads_from_its_config_json(tmp_path, family):
+    config_class, model_class, extra = HF_MODELS[family]
+    config = config_class(**HF_DIMS, **extra, id2label={i: f"thing{i}" for i in range(5)})
     torch.manual_seed(0)
-    hf_model = transformers.EomtForUniversalSegmentation(config).eval()
+    hf_model = model_class(config).eval()
     hf_model.save_pretrained(tmp_path / "hf")
 
     ours = api.load(checkpoint=str(tmp_path / "hf"))  # no model or dataset overrides
