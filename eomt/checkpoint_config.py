@@ -167,7 +167,8 @@ def _label_sets() -> Iterator[tuple[str, str, list[str]]]:
     """(dataset, task, class names) of every dataset config in conf/dataset, its primary task first."""
     for file in sorted((CONF_DIR / "dataset").glob("*.yaml")):
         node = OmegaConf.create({"dataset": OmegaConf.load(file)})
-        primary = OmegaConf.select(node, "dataset.defaults")[0].get("/task@_global_.task")
+        defaults = node.dataset.get("defaults") or []
+        primary = next((d["/task@_global_.task"] for d in defaults if "/task@_global_.task" in d), None)
         for task in sorted(("panoptic", "semantic", "instance"), key=lambda t: t != primary):
             names = OmegaConf.select(node, f"dataset.{task}.class_names", throw_on_missing=False)
             if names is not None:
