@@ -1,8 +1,11 @@
-"""Cost of a network's forward pass: parameters, GFLOPs (torch.utils.flop_counter) and images/s."""
+"""Cost of a network's forward pass: parameters, GFLOPs (torch.utils.flop_counter) and images/s,
+and how busy other processes kept this process's CPUs while a speed was measured (`LoadMeter`)."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,3 +47,92 @@ def images_per_second(network: nn.Module, images: torch.Tensor, iters: int = 20,
         network(images)
     synchronize()
     return iters * images.shape[0] / (time.perf_counter() - start)
+
+
+# --- was the speed measured alone? --------------------------------------------------------------------
+# A speed timed while other processes compete for the same CPUs is not comparable with one timed alone
+# (a sweep's jobs timing each other gave 0.9 to 2.6 FPS for networks of one size). What tells them apart
+# is measured over the timed span itself: the CPU time the kernel counts on the CPUs this process may run
+# on (/proc/stat, per CPU), minus the CPU time of this process and its children (/proc/<pid>/stat: its
+# own data-loading workers are not "others"), as a share of those CPUs' time. A load average would lag
+# by a minute and count processes waiting on disk; the ratio of own CPU time to wall time drops as much
+# for a single-threaded stretch of the forward pass as for a competitor. On a GPU the host CPU still
+# launches every kernel, so the same share applies; other processes on the GPU itself are not seen.
+UNDER_LOAD = 0.25  # other processes used more than this share of our CPUs: the speed is marked
+PROC = Path("/proc")
+
+
+def _ticks_per_s() -> float:
+    try:
+        return float(os.sysconf("SC_CLK_TCK"))
+    except (ValueError, OSError, AttributeError):
+        return 100.0
+
+
+def _busy_cpu_s(cpus: set[int]) -> float | None:
+    """Busy seconds (not idle, not waiting on I/O) of `cpus` since boot, from /proc/stat; None off Linux."""
+    try:
+        lines = (PROC / "stat").read_text().splitlines()
+    except OSError:
+        return None
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            busy += sum(values) - values[3] - values[4]
+    return busy / _ticks_per_s()
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds used so far by this process and its live descendants (DataLoader workers)."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        parents[int(entry.name)] = int(fields[1])
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _ticks_per_s()  # utime + stime
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(used.get(pid, 0.0) for pid in tree)
+
+
+class LoadMeter:
+    """Share of this process's CPUs that other processes kept busy since `start()`.
+
+    `other_load()` -> 0 (alone) .. 1 (others used every CPU cycle), None where /proc cannot be read.
+    """
+
+    def __init__(self) -> None:
+        self.cpus = (
+            os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        )
+        self.start()
+
+    def start(self) -> None:
+        self._wall = time.perf_counter()
+        self._busy = _busy_cpu_s(self.cpus)
+        self._own = _tree_cpu_s() if self._busy is not None else 0.0
+
+    def other_load(self) -> float | None:
+        busy = _busy_cpu_s(self.cpus)
+        if busy is None or self._busy is None:
+            return None
+        wall = time.perf_counter() - self._wall
+        others = (busy - self._busy) - (_tree_cpu_s() - self._own)
+        return min(1.0, max(0.0, others / max(wall * len(self.cpus), 1e-9)))
+
+
+def timed_alone(other_load: float | None) -> dict[str, float | bool | None]:
+    """The record of a speed's conditions: `{"other_load": share, "under_load": share > UNDER_LOAD}`."""
+    return {"other_load": other_load, "under_load": other_load is not None and other_load > UNDER_LOAD}
