@@ -41,7 +41,7 @@ from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
 from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
 from eomt.run_info import write_run_info
-from eomt.tb_hparams import hparams_from_overrides, log_hparams
+from eomt.tb_hparams import log_hparams, sweep_hparams
 from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
 
 log = logging.getLogger("eomt.train")
@@ -245,7 +245,7 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         hparams={
             "variant": cfg.get("variant") or "-",
             "model": cfg.model.name,
-            **hparams_from_overrides(overrides),
+            **sweep_hparams(cfg, overrides),  # what the sweep varies, config groups as the keys they change
         },
     )
     if env.world_size > 1:  # the ViT-Adapter baseline has BatchNorm (EoMT has none); params are kept
@@ -469,7 +469,8 @@ def train(run: Run) -> None:
     preemption = PreemptionHandler()
     preemption.install()
     # Steps after the checkpoint that an interrupted run logged are dropped: logging restarts at start + 1.
-    writer = SummaryWriter(run.run_dir / "tb", purge_step=start + 1) if run.main else None
+    # events in the run directory itself: TensorBoard names the run after it (no "/tb" suffix)
+    writer = SummaryWriter(run.run_dir, purge_step=start + 1) if run.main else None
     train_log = TrainLog(run, writer, start)
     progress = tqdm(
         total=run.last_step, initial=start, disable=not run.main, desc="train", dynamic_ncols=True

@@ -2,17 +2,25 @@
 
 Each run writes into its own event directory (no timestamped sub-run, unlike
 `SummaryWriter.add_hparams`), so `tensorboard --logdir outputs/multirun/<sweep>` lists every run of
-the sweep once in the HPARAMS tab, side by side with its training curves.
+the sweep once in the HPARAMS tab, side by side with its training curves. The columns are the config
+keys the sweep varies (`sweep_hparams`): a sweep over a config group (`+sweep/annealing=...`) shows the
+keys its options change (`schedule.annealing`, `model.masked_attn`, `eval.masked_attn`), not only the
+option's name.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -47,6 +55,59 @@ def hparams_from_overrides(overrides: Iterable[str]) -> dict[str, HParamValue]:
         if not sep:
             continue
         out[key.lstrip("+~")] = _parse_scalar(value)
+    return out
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def group_columns(
+    cfg: DictConfig, overrides: Sequence[str], group: str, options: Sequence[str], config_name: str
+) -> dict[str, HParamValue]:
+    """The keys in which the configs of a group's `options` differ, with this job's (`cfg`) values.
+
+    Composes the job's config once per option (`overrides` with that group's entry swapped)."""
+    others = [o for o in overrides if o.partition("=")[0].lstrip("+~") != group]
+    prefix = "+" if any(o.partition("=")[0] == f"+{group}" for o in overrides) else ""
+    flats = [
+        _flat(
+            OmegaConf.to_container(
+                compose(config_name, [*others, f"{prefix}{group}={option}"]), resolve=False
+            )
+        )
+        for option in options
+    ]
+    keys = sorted({k for flat in flats for k in flat if len({repr(f.get(k, "<absent>")) for f in flats}) > 1})
+    return {key: _plain(OmegaConf.select(cfg, key, default=None)) for key in keys}
+
+
+def sweep_hparams(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, HParamValue]:
+    """This job's HParams columns: each override's key and value (`hparams_from_overrides`), and for each
+    config group the sweep sweeps over (`hydra.sweeper.params`), the keys its options change.
+
+    Outside a Hydra app (no sweeper to read) just `hparams_from_overrides`."""
+    out = flatten_hparams(hparams_from_overrides(overrides))
+    if not (HydraConfig.initialized() and GlobalHydra.instance().is_initialized()):
+        return out
+    hydra_cfg = HydraConfig.get()
+    loader = GlobalHydra.instance().config_loader()
+    parser = OverridesParser.create(config_loader=loader)
+    for key, values in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items():
+        override = parser.parse_override(f"{key}={values}")
+        group = override.key_or_group
+        if not loader.get_group_options(group) or not override.is_discrete_sweep():
+            continue  # a value (its column is already there) or a sweep that cannot be enumerated
+        columns = group_columns(
+            cfg, overrides, group, list(override.sweep_string_iterator()), hydra_cfg.job.config_name
+        )
+        out.update(flatten_hparams(columns))
     return out
 
 
