@@ -40,6 +40,7 @@ from eomt.device import AMP_DTYPES, resolve_device
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
 from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
+from eomt.profiling import LoadMeter, timed_alone
 from eomt.run_info import write_run_info
 from eomt.tb_hparams import log_hparams, sweep_hparams
 from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
@@ -340,6 +341,7 @@ class TrainLog:
         self.sum: Tensor | None = None
         self.finite_steps = 0  # steps whose terms are in `sum` (skipped ones are not)
         self.since_step, self.since = step, time.perf_counter()
+        self.load = LoadMeter()  # was the speed measured alone? (other processes' share of our CPUs)
 
     def maybe_log(self, step: int, terms: dict[str, Tensor] | None) -> None:
         """`step` steps are done; `terms` are the last one's (None: it was skipped)."""
@@ -366,17 +368,26 @@ class TrainLog:
         elapsed = max(time.perf_counter() - self.since, 1e-9)
         images_per_s = self.finite_steps * run.cfg.trainer.batch_size / elapsed
         writer.add_scalar("perf/images_per_s", images_per_s, step)
+        other_load = self.load.other_load()
+        if other_load is not None:
+            writer.add_scalar("perf/other_load", other_load, step)
+        loaded = (
+            f" (under load: others used {other_load:.0%} of the CPUs)"
+            if timed_alone(other_load)["under_load"]
+            else ""
+        )
         if run.device.type == "cuda":
             writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
         eta = (run.last_step - step) * elapsed / max(step - self.since_step, 1)
         loss = f"{means['loss']:.4f}" if "loss" in means else "- (non-finite)"
         log.info(
-            "step %d/%d  loss %s  lr %.3g  %.1f images/s  ETA %s",
+            "step %d/%d  loss %s  lr %.3g  %.1f images/s%s  ETA %s",
             step,
             run.last_step,
             loss,
             lrs["heads"],
             images_per_s,
+            loaded,
             _duration(eta),
         )
         self._reset(step)
