@@ -20,6 +20,7 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -89,26 +90,35 @@ def group_columns(
 
 
 def sweep_hparams(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, HParamValue]:
-    """This job's HParams columns: each override's key and value (`hparams_from_overrides`), and for each
-    config group the sweep sweeps over (`hydra.sweeper.params`), the keys its options change.
+    """This job's HParams columns: what its sweep varies, with this job's values.
 
-    Outside a Hydra app (no sweeper to read) just `hparams_from_overrides`."""
-    out = flatten_hparams(hparams_from_overrides(overrides))
+    In a multirun: each key the sweep sweeps over (`hydra.sweeper.params` and the command line's value
+    lists, as the sweep's multirun.yaml records them), and for a swept config group also the keys its
+    options change. Overrides every job shares are left out: they would crowd the table. In a single
+    run, or outside a Hydra app, every override (`hparams_from_overrides`)."""
+    given = hparams_from_overrides(overrides)
     if not (HydraConfig.initialized() and GlobalHydra.instance().is_initialized()):
-        return out
+        return flatten_hparams(given)
     hydra_cfg = HydraConfig.get()
     loader = GlobalHydra.instance().config_loader()
     parser = OverridesParser.create(config_loader=loader)
-    for key, values in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items():
-        override = parser.parse_override(f"{key}={values}")
+    sweeps = [
+        parser.parse_override(f"{k}={v}")
+        for k, v in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items()
+    ]
+    multirun = Path(str(OmegaConf.select(hydra_cfg, "sweep.dir"))) / "multirun.yaml"
+    if OmegaConf.select(hydra_cfg, "mode") == RunMode.MULTIRUN and multirun.is_file():
+        command_line = OmegaConf.load(multirun).hydra.overrides.task
+        sweeps += [o for o in parser.parse_overrides(list(command_line)) if o.is_sweep_override()]
+        out = {o.key_or_group: given[o.key_or_group] for o in sweeps if o.key_or_group in given}
+    else:
+        out = dict(given)
+    for override in sweeps:
         group = override.key_or_group
-        if not loader.get_group_options(group) or not override.is_discrete_sweep():
-            continue  # a value (its column is already there) or a sweep that cannot be enumerated
-        columns = group_columns(
-            cfg, overrides, group, list(override.sweep_string_iterator()), hydra_cfg.job.config_name
-        )
-        out.update(flatten_hparams(columns))
-    return out
+        if loader.get_group_options(group) and override.is_discrete_sweep():  # a group: the keys it changes
+            options = list(override.sweep_string_iterator())
+            out.update(group_columns(cfg, overrides, group, options, hydra_cfg.job.config_name))
+    return flatten_hparams(out)
 
 
 def _parse_scalar(text: str) -> HParamValue:
@@ -141,7 +151,9 @@ def log_hparams(
     if isinstance(writer_or_logdir, SummaryWriter):
         writer_or_logdir.flush()
     values = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real) and math.isfinite(v)}
-    experiment, session_start, session_end = hparams_summary(flatten_hparams(hparams), values)
+    # torch's hparams() stores a bool as a number (1.0000 in the table): write true / false instead
+    columns = {k: str(v).lower() if isinstance(v, bool) else v for k, v in flatten_hparams(hparams).items()}
+    experiment, session_start, session_end = hparams_summary(columns, values)
     with SummaryWriter(log_dir=str(logdir)) as writer:
         for summary in (experiment, session_start, session_end):
             writer.file_writer.add_summary(summary, step)

@@ -206,7 +206,7 @@ def test_log_hparams_writes_one_row_into_the_runs_own_event_directory(tmp_path):
     hparams, scalars = read_hparams(run_tb)
     assert hparams == {
         "model.num_blocks": 4.0,
-        "schedule.annealing": False,
+        "schedule.annealing": "false",  # not 0.0000
         "crop": "[640, 640]",
         "init_from": "None",
         "variant": "masked_train_infer",

@@ -12,6 +12,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -163,6 +164,30 @@ def test_hparams_columns_are_the_keys_the_sweep_varies(hydra_conf):
         "eval.masked_attn": False,
     }
     assert sweep_hparams(cfg, ["seed=3"]) == {"seed": 3}  # outside a Hydra app: the overrides as given
+
+
+def test_in_a_multirun_hparams_columns_leave_out_what_every_job_shares(hydra_conf, tmp_path):
+    """`train.py -m +sweep=annealing experiment=demo seed=0,1`: the swept keys, not experiment=demo."""
+    command_line = ["+sweep=annealing", "experiment=demo", "seed=0,1"]
+    OmegaConf.save({"hydra": {"overrides": {"task": command_line}}}, tmp_path / "multirun.yaml")
+    job = ["+sweep=annealing", "experiment=demo", "seed=1", "+sweep/annealing=masked_train_infer"]
+    cfg = compose("train", overrides=[*job, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    try:
+        got = sweep_hparams(cfg, job)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert got == {
+        "seed": 1,
+        "sweep/annealing": "masked_train_infer",
+        "variant": "masked_train_infer",
+        "schedule.annealing": False,
+        "model.masked_attn": True,
+        "eval.masked_attn": True,
+    }
 
 
 # --- launchers ---------------------------------------------------------------------------------
