@@ -8,12 +8,17 @@ printed nothing for minutes, so here:
   through CUDA_VISIBLE_DEVICES) and one on a machine without GPUs;
 - a line is printed as each job starts (its run directory, its log) and ends (its main metric and FPS,
   or the last line of its error);
-- the sweep closes with eomt.report's comparison table.
+- the sweep closes with eomt.report's comparison table;
+- Ctrl-C stops the running jobs at a step boundary with a checkpoint (each job's train.py handles
+  the terminal's SIGINT; the launcher sends SIGTERM where it alone got one), and running the same
+  command again resumes them. submitit's job controllers would turn the terminal's Ctrl-C into a
+  second SIGINT and a SIGKILL a second later, so they are started with SIGINT ignored.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,7 +137,7 @@ def run_sweep(
                 num, overrides, name, run_dir = pending.pop(0)
                 mine, free = free[:per_job], free[per_job:]
                 executor.update_parameters(visible_gpus=tuple(mine))
-                job = submit(num, overrides)
+                job = _submit_ignoring_sigint(submit, num, overrides)
                 running.append(_Running(num, name, run_dir, job, mine))
                 on = f" on GPU {','.join(map(str, mine))}" if mine else ""
                 echo(f"[{num + 1}/{len(jobs)}] started {name}{on}: {run_dir} (log {job.paths.stdout})")
@@ -142,12 +147,13 @@ def run_sweep(
                 free += entry.gpus
                 results[entry.num] = _finish(entry, len(jobs), echo)
     except KeyboardInterrupt:
-        echo(f"interrupted: stopping {len(running)} running job(s); each saves a checkpoint to resume from")
+        echo(f"interrupted: stopping {len(running)} running job(s) at a step boundary, with a checkpoint")
         for entry in running:
-            entry.job.cancel()
-        for entry in running:
-            entry.job.wait()  # LocalJob: until its process has ended
-        raise
+            _stop(entry.job)
+        while any(not entry.job.done() for entry in running):  # a second Ctrl-C ends the wait
+            time.sleep(POLL_S)
+        echo("stopped; run the same command again to resume the sweep")
+        raise SystemExit(130) from None
     failed = [r for r in results.values() if r.status == JobStatus.FAILED]
     echo(f"sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs finished")
     try:
@@ -156,6 +162,23 @@ def run_sweep(
     except DataError as e:
         echo(f"no comparison table: {e}")
     return [results[num] for num, *_ in jobs]
+
+
+def _submit_ignoring_sigint(submit: Callable[[int, Sequence[str]], Any], num: int, overrides: Sequence[str]):
+    """The job's controller process inherits SIGINT ignored (train.py installs its own handler)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return submit(num, overrides)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop(job: Any) -> None:
+    """SIGTERM to the job's controller, which passes it on to the job: save, then stop."""
+    try:
+        os.kill(int(job.job_id), signal.SIGTERM)  # a local job's id is its controller's pid
+    except (ProcessLookupError, ValueError):
+        pass  # already ended
 
 
 def _finish(entry: _Running, total: int, echo: Callable[[str], None]) -> JobReturn:

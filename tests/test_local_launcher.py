@@ -2,6 +2,8 @@
 starts and ends, and the comparison table at the end."""
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -140,3 +142,43 @@ def test_gpus_per_job_and_visible_gpus():
 def test_too_few_gpus_for_one_job_is_one_line(tmp_path):
     with pytest.raises(local_launcher.ConfigError, match="hydra.launcher.gpus_per_node=0"):
         sweep(tmp_path, ["0_x"], [1], gpus=[0], per_job=2)
+
+
+def test_ctrl_c_stops_the_running_jobs_with_sigterm_and_exits_130(tmp_path, monkeypatch):
+    """The launcher's Ctrl-C: SIGTERM to each running job's controller (train.py saves, then stops)."""
+    controllers = []
+
+    class Controller(FakeJob):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.process = subprocess.Popen(["sleep", "60"])
+            self.job_id = str(self.process.pid)
+            controllers.append(self)
+
+        def done(self):
+            return self.process.poll() is not None
+
+    calls = {"n": 0}
+
+    def sleep(_):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # restored after each submit
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_launcher.time, "sleep", sleep)
+    lines = []
+    with pytest.raises(SystemExit) as stop:
+        local_launcher.run_sweep(
+            executor=FakeExecutor(),
+            submit=lambda num, overrides: Controller({}, tmp_path / "0_x", 1, None, ()),
+            jobs=[(0, [], "0_x", tmp_path / "0_x"), (1, [], "1_x", tmp_path / "1_x")],
+            sweep_dir=tmp_path,
+            per_job=0,
+            gpus=[],
+            max_parallel=1,
+            echo=lines.append,
+        )
+    assert stop.value.code == 130
+    assert len(controllers) == 1 and controllers[0].process.wait(timeout=10) == -signal.SIGTERM
+    assert lines[-1] == "stopped; run the same command again to resume the sweep"
