@@ -40,7 +40,7 @@ from eomt.device import AMP_DTYPES, resolve_device
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
 from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
-from eomt.profiling import LoadMeter, timed_alone
+from eomt.profiling import LoadMeter
 from eomt.run_info import write_run_info
 from eomt.tb_hparams import log_hparams, sweep_hparams
 from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
@@ -368,13 +368,11 @@ class TrainLog:
         elapsed = max(time.perf_counter() - self.since, 1e-9)
         images_per_s = self.finite_steps * run.cfg.trainer.batch_size / elapsed
         writer.add_scalar("perf/images_per_s", images_per_s, step)
-        other_load = self.load.other_load()
-        if other_load is not None:
-            writer.add_scalar("perf/other_load", other_load, step)
+        load = self.load.conditions()
+        if load["other_load"] is not None:
+            writer.add_scalar("perf/other_load", load["other_load"], step)
         loaded = (
-            f" (under load: others used {other_load:.0%} of the CPUs)"
-            if timed_alone(other_load)["under_load"]
-            else ""
+            f" (under load: others used {load['other_load']:.0%} of the CPUs)" if load["under_load"] else ""
         )
         if run.device.type == "cuda":
             writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)

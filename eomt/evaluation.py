@@ -38,7 +38,7 @@ from eomt.device import inference_autocast
 from eomt.errors import ConfigError
 from eomt.inference.predictor import Predictor
 from eomt.metrics.table import format_table, scalar_metrics
-from eomt.profiling import LoadMeter, count_params, gflops_per_image, images_per_second, timed_alone
+from eomt.profiling import LoadMeter, count_params, gflops_per_image, images_per_second
 from eomt.visualize import OverlayCollector
 
 log = logging.getLogger("eomt.evaluation")
@@ -301,7 +301,7 @@ class Evaluation:
                 iters = 50 if self.device.type == "cuda" else 3
                 meter = LoadMeter()
                 fps = images_per_second(model, images, iters=iters, warmup=min(iters, 10))
-                conditions = timed_alone(meter.other_load())
+                conditions = meter.conditions()
         finally:
             model.train(was_training)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -309,8 +309,8 @@ class Evaluation:
             "gflops": gflops,
             "fps": fps,
             "fps_device": device_name,
-            # other processes' share of this process's CPUs while timing; above UNDER_LOAD the FPS is marked
-            # as measured under load and eomt.report leaves it out of its plot
+            # other processes' share of this process's CPUs while timing, and the idle share: under_load
+            # (eomt.profiling.LoadMeter) marks the FPS, and eomt.report leaves it out of its plot
             **{f"fps_{key}": value for key, value in conditions.items()},
         }
 

@@ -52,13 +52,18 @@ def images_per_second(network: nn.Module, images: torch.Tensor, iters: int = 20,
 # --- was the speed measured alone? --------------------------------------------------------------------
 # A speed timed while other processes compete for the same CPUs is not comparable with one timed alone
 # (a sweep's jobs timing each other gave 0.9 to 2.6 FPS for networks of one size). What tells them apart
-# is measured over the timed span itself: the CPU time the kernel counts on the CPUs this process may run
-# on (/proc/stat, per CPU), minus the CPU time of this process and its children (/proc/<pid>/stat: its
-# own data-loading workers are not "others"), as a share of those CPUs' time. A load average would lag
-# by a minute and count processes waiting on disk; the ratio of own CPU time to wall time drops as much
-# for a single-threaded stretch of the forward pass as for a competitor. On a GPU the host CPU still
-# launches every kernel, so the same share applies; other processes on the GPU itself are not seen.
-UNDER_LOAD = 0.25  # other processes used more than this share of our CPUs: the speed is marked
+# is measured over the timed span itself, on the CPUs this process may run on (/proc/stat, per CPU):
+# - other_load: their busy time minus that of this process and its children (/proc/<pid>/stat: its own
+#   data-loading workers are not "others"), as a share of those CPUs' time;
+# - idle: the share of those CPUs' time nobody used.
+# A speed counts as measured under load when others took more than UNDER_LOAD and the CPUs were
+# saturated (idle under SATURATED): where CPUs stay idle no thread of ours waited for one, so another
+# job's data workers on a 16-core GPU node do not mark a GPU's FPS. A load average would lag by a
+# minute and count processes waiting on disk; the ratio of own CPU time to wall time drops as much for
+# a single-threaded stretch of the forward pass as for a competitor. Other processes on a GPU itself
+# are not seen.
+UNDER_LOAD = 0.25
+SATURATED = 0.10
 PROC = Path("/proc")
 
 
@@ -108,9 +113,10 @@ def _tree_cpu_s() -> float:
 
 
 class LoadMeter:
-    """Share of this process's CPUs that other processes kept busy since `start()`.
+    """How busy other processes kept this process's CPUs since `start()`.
 
-    `other_load()` -> 0 (alone) .. 1 (others used every CPU cycle), None where /proc cannot be read.
+    `conditions()` -> {"other_load": 0 (alone) .. 1, "idle": 0 .. 1, "under_load": bool}; the shares are
+    None (and under_load False) where /proc cannot be read.
     """
 
     def __init__(self) -> None:
@@ -124,15 +130,16 @@ class LoadMeter:
         self._busy = _busy_cpu_s(self.cpus)
         self._own = _tree_cpu_s() if self._busy is not None else 0.0
 
-    def other_load(self) -> float | None:
+    def conditions(self) -> dict[str, float | bool | None]:
         busy = _busy_cpu_s(self.cpus)
         if busy is None or self._busy is None:
-            return None
-        wall = time.perf_counter() - self._wall
+            return {"other_load": None, "idle": None, "under_load": False}
+        capacity = max((time.perf_counter() - self._wall) * len(self.cpus), 1e-9)
         others = (busy - self._busy) - (_tree_cpu_s() - self._own)
-        return min(1.0, max(0.0, others / max(wall * len(self.cpus), 1e-9)))
-
-
-def timed_alone(other_load: float | None) -> dict[str, float | bool | None]:
-    """The record of a speed's conditions: `{"other_load": share, "under_load": share > UNDER_LOAD}`."""
-    return {"other_load": other_load, "under_load": other_load is not None and other_load > UNDER_LOAD}
+        other_load = min(1.0, max(0.0, others / capacity))
+        idle = min(1.0, max(0.0, 1.0 - (busy - self._busy) / capacity))
+        return {
+            "other_load": other_load,
+            "idle": idle,
+            "under_load": other_load > UNDER_LOAD and idle < SATURATED,
+        }

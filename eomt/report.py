@@ -37,7 +37,7 @@ METRICS_FILE = "metrics.json"
 BENCHMARK_FILE = "benchmark.json"  # optional, from a speed benchmark: {"fps": .., "gflops": .., "params": ..}
 PRIMARY_METRIC = {"panoptic": "PQ", "semantic": "mIoU", "instance": "AP"}
 _COST_KEYS = ("fps", "gflops", "params")
-_NOT_METRICS = {*_COST_KEYS, "step", "epoch", "fps_other_load"}
+_NOT_METRICS = {*_COST_KEYS, "step", "epoch", "fps_other_load", "fps_idle"}  # fps_*: how FPS was timed
 _SKIP_DIRS = {".submitit", "tb", "checkpoints", ".hydra"}
 
 

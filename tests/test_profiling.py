@@ -30,24 +30,38 @@ def proc(tmp_path, monkeypatch):
 
 def test_other_load_counts_other_processes_not_ours_nor_our_workers(proc, monkeypatch):
     me = os.getpid()
-    clock = iter([0.0, 0.0, 1.0])  # LoadMeter(), start(), other_load()
+    clock = iter([0.0, 0.0, 1.0])  # LoadMeter(), start(), conditions()
     monkeypatch.setattr(profiling.time, "perf_counter", lambda: next(clock))
     fake_proc(proc, {0: (0, 0), 1: (0, 0), 2: (0, 0)}, {me: (1, 0), 90001: (me, 0), 90002: (1, 0)})
     meter = profiling.LoadMeter()
     meter.cpus = {0, 1}
     meter.start()
     # one second on CPUs 0 and 1 (CPU 2 is not ours): 200 ticks busy; we used 80, our worker 40,
-    # another process 80: others kept 80 of 200 ticks busy
+    # another process 80: others kept 80 of 200 ticks busy, none idle
     fake_proc(proc, {0: (100, 0), 1: (100, 0), 2: (100, 0)}, {me: (1, 80), 90001: (me, 40), 90002: (1, 80)})
-    assert meter.other_load() == pytest.approx(0.4)
-    assert profiling.timed_alone(0.4) == {"other_load": 0.4, "under_load": True}
-    assert profiling.timed_alone(0.1)["under_load"] is False
-    assert profiling.timed_alone(None) == {"other_load": None, "under_load": False}  # cannot tell
+    got = meter.conditions()
+    assert got["other_load"] == pytest.approx(0.4) and got["idle"] == pytest.approx(0.0)
+    assert got["under_load"] is True
+
+
+def test_others_on_cpus_left_idle_do_not_mark_the_speed(proc, monkeypatch):
+    """Another job's workers on a many-core GPU node: busy, but CPUs stayed free for our threads."""
+    me = os.getpid()
+    clock = iter([0.0, 0.0, 1.0])
+    monkeypatch.setattr(profiling.time, "perf_counter", lambda: next(clock))
+    fake_proc(proc, {n: (0, 0) for n in range(4)}, {me: (1, 0), 90002: (1, 0)})
+    meter = profiling.LoadMeter()
+    meter.cpus = {0, 1, 2, 3}
+    meter.start()
+    fake_proc(proc, {0: (100, 0), 1: (100, 0), 2: (20, 80), 3: (0, 100)}, {me: (1, 100), 90002: (1, 120)})
+    got = meter.conditions()
+    assert got["other_load"] == pytest.approx(0.3) and got["idle"] == pytest.approx(0.45)
+    assert got["under_load"] is False
 
 
 def test_without_proc_the_load_is_unknown(tmp_path, monkeypatch):
     monkeypatch.setattr(profiling, "PROC", tmp_path / "absent")
-    assert profiling.LoadMeter().other_load() is None
+    assert profiling.LoadMeter().conditions() == {"other_load": None, "idle": None, "under_load": False}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc")
@@ -60,5 +74,5 @@ def test_a_busy_foreign_process_is_seen(tmp_path):
     time.sleep(0.3)
     meter = profiling.LoadMeter()
     time.sleep(1.0)
-    load = meter.other_load()
+    load = meter.conditions()["other_load"]
     assert load is not None and 0.8 / len(meter.cpus) <= load <= 1.0
