@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +35,6 @@ from eomt import report
 from eomt.errors import ConfigError, DataError
 
 POLL_S = 1.0
-
-
-class JobFailed(RuntimeError):
-    """A job of the sweep ended without a result; the message names it and its log."""
 
 
 def gpus_per_job(requested: int | None, tasks_per_node: int, available: int) -> int:
@@ -116,8 +113,9 @@ def run_sweep(
     """Run `jobs` ((number, overrides, name, run directory), in order), `max_parallel` at a time.
 
     `submit(num, overrides)` submits one job with `executor` (whose `visible_gpus` is set for it first)
-    and returns the submitit job. Returns one JobReturn per job, in order; a job that failed has
-    status FAILED and a JobFailed naming its log."""
+    and returns the submitit job. Returns one JobReturn per job, in order; where a job failed, ends
+    with one error line naming the failed jobs (their errors and logs were printed as they ended)
+    and exit code 1."""
     parallel = max_parallel or default_parallel(per_job, len(gpus))
     if per_job and len(gpus) < per_job:
         raise ConfigError(
@@ -154,13 +152,21 @@ def run_sweep(
             time.sleep(POLL_S)
         echo("stopped; run the same command again to resume the sweep")
         raise SystemExit(130) from None
-    failed = [r for r in results.values() if r.status == JobStatus.FAILED]
+    failed = [name for num, _, name, _ in jobs if results[num].status == JobStatus.FAILED]
     echo(f"sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs finished")
     try:
         table, notes = report.summarize(sweep_dir)
         echo(table + ("\n" + "\n".join(notes) if notes else ""))
     except DataError as e:
         echo(f"no comparison table: {e}")
+    if failed:  # one line, not Hydra's traceback of its sweeper re-raising the first failure
+        print(
+            f"error: {len(failed)} of {len(jobs)} jobs failed ({', '.join(failed)}); "
+            "their errors and logs are named above",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1)
     return [results[num] for num, *_ in jobs]
 
 
@@ -186,19 +192,14 @@ def _finish(entry: _Running, total: int, echo: Callable[[str], None]) -> JobRetu
     prefix = f"[{entry.num + 1}/{total}] {entry.name}"
     try:
         ret = entry.job.results()[0]
-    except (FailedJobError, UncompletedJobError):
-        ret = JobReturn(status=JobStatus.FAILED)
-        ret.return_value = JobFailed(
-            f"{entry.name} failed: {_last_error_line(entry.job)} (log {entry.job.paths.stderr})"
-        )
-    if ret.status == JobStatus.COMPLETED:
+        reason = None if ret.status == JobStatus.COMPLETED else repr(ret._return_value)  # raised in the job
+    except (FailedJobError, UncompletedJobError):  # the job's process failed (e.g. exit 1 after one line)
+        ret, reason = JobReturn(status=JobStatus.FAILED), _last_error_line(entry.job)
+    if reason is None:
         echo(f"{prefix} finished in {took}: {describe_result(entry.run_dir)}")
     else:
-        cause = ret._return_value
-        if not isinstance(cause, JobFailed):  # raised in the job: keep it, name the log
-            cause = JobFailed(f"{entry.name} failed: {cause!r} (log {entry.job.paths.stderr})")
-            ret.return_value = cause
-        echo(f"{prefix} FAILED after {took}: {cause}")
+        ret.status = JobStatus.FAILED
+        echo(f"{prefix} FAILED after {took}: {reason} (log {entry.job.paths.stderr})")
     return ret
 
 

@@ -48,7 +48,7 @@ class FakeExecutor:
         self.parameters.update(kwargs)
 
 
-def sweep(tmp_path, names, polls, fail=(), gpus=(), per_job=0, max_parallel=None):
+def sweep(tmp_path, names, polls, fail=(), gpus=(), per_job=0, max_parallel=None, echo=None):
     executor, lines, running, peak = FakeExecutor(), [], [], []
     clock = {}
     jobs = [(i, [f"seed={i}"], name, tmp_path / name) for i, name in enumerate(names)]
@@ -77,7 +77,7 @@ def sweep(tmp_path, names, polls, fail=(), gpus=(), per_job=0, max_parallel=None
         per_job=per_job,
         gpus=list(gpus),
         max_parallel=max_parallel,
-        echo=lines.append,
+        echo=echo or lines.append,
     )
     return results, lines, max(peak), submitted
 
@@ -121,14 +121,19 @@ def test_max_parallel_is_settable(tmp_path):
     assert peak == 3 and "3 at a time" in lines[0]
 
 
-def test_a_failed_job_is_one_line_and_the_others_still_run(tmp_path):
-    results, lines, _, _ = sweep(tmp_path, ["0_ok", "1_bad", "2_ok"], [1, 1, 1], fail={1})
-    assert [r.status for r in results] == [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.COMPLETED]
+def test_a_failed_job_is_one_line_the_others_still_run_and_the_sweep_ends_in_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sweep(tmp_path, ["0_ok", "1_bad", "2_ok"], [1, 1, 1], fail={1}, echo=(lines := []).append)
+    assert stop.value.code == 1
     failed = next(line for line in lines if "FAILED" in line)
-    assert failed.startswith("[2/3] 1_bad FAILED after 0s: 1_bad failed: error: bad thing (log ")
-    with pytest.raises(local_launcher.JobFailed, match="error: bad thing"):
-        _ = results[1].return_value  # what Hydra raises at the end of the sweep
+    assert failed == f"[2/3] 1_bad FAILED after 0s: error: bad thing (log {tmp_path / '1_bad' / 'log.err'})"
+    assert "[3/3] 2_ok finished in 0s: PQ 60.57, FPS 3.10" in lines  # the others still ran
     assert f"sweep {tmp_path}: 2 of 3 jobs finished" in lines
+    assert "| 2_ok | panoptic | 60.57 |" in lines[-1]  # the table still closes the sweep
+    assert (
+        capsys.readouterr().err
+        == "error: 1 of 3 jobs failed (1_bad); their errors and logs are named above\n"
+    )
 
 
 def test_gpus_per_job_and_visible_gpus():
