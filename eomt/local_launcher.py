@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import torch
 from hydra.core.utils import JobReturn, JobStatus
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
@@ -204,6 +203,8 @@ def _finish(entry: _Running, total: int, echo: Callable[[str], None]) -> JobRetu
 
 
 def cuda_device_count() -> int:
+    import torch  # here: Hydra imports the launcher plugin at every start, also where no sweep runs
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
