@@ -41,9 +41,9 @@ from eomt.device import AMP_DTYPES, resolve_device, training_precision
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
 from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
-from eomt.profiling import bf16_peak_flops, gflops_per_image, training_mfu
+from eomt.profiling import LoadMeter, bf16_peak_flops, gflops_per_image, training_mfu
 from eomt.run_info import write_run_info
-from eomt.tb_hparams import hparams_from_overrides, log_hparams
+from eomt.tb_hparams import log_hparams, sweep_hparams
 from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
 
 log = logging.getLogger("eomt.train")
@@ -255,7 +255,7 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         hparams={
             "variant": cfg.get("variant") or "-",
             "model": cfg.model.name,
-            **hparams_from_overrides(overrides),
+            **sweep_hparams(cfg, overrides),  # what the sweep varies, config groups as the keys they change
         },
         forward_gflops=forward_gflops(model, device),
     )
@@ -356,6 +356,7 @@ class TrainLog:
         self.sum: Tensor | None = None
         self.finite_steps = 0  # steps whose terms are in `sum` (skipped ones are not)
         self.since_step, self.since = step, time.perf_counter()
+        self.load = LoadMeter()  # was the speed measured alone? (other processes' share of our CPUs)
 
     def maybe_log(self, step: int, terms: dict[str, Tensor] | None) -> None:
         """`step` steps are done; `terms` are the last one's (None: it was skipped)."""
@@ -385,6 +386,12 @@ class TrainLog:
         images_per_s = self.finite_steps * run.cfg.trainer.batch_size / elapsed
         writer.add_scalar("perf/images_per_s", images_per_s, step)
         mfu = ""
+        load = self.load.conditions()
+        if load["other_load"] is not None:
+            writer.add_scalar("perf/other_load", load["other_load"], step)
+        loaded = (
+            f" (under load: others used {load['other_load']:.0%} of the CPUs)" if load["under_load"] else ""
+        )
         if run.device.type == "cuda":
             writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
             if self.peak_flops and run.forward_gflops:
@@ -394,13 +401,14 @@ class TrainLog:
         eta = (run.last_step - step) * elapsed / max(step - self.since_step, 1)
         loss = f"{means['loss']:.4f}" if "loss" in means else "- (non-finite)"
         log.info(
-            "step %d/%d  loss %s  lr %.3g  %.1f images/s%s  ETA %s",
+            "step %d/%d  loss %s  lr %.3g  %.1f images/s%s%s  ETA %s",
             step,
             run.last_step,
             loss,
             lrs["heads"],
             images_per_s,
             mfu,
+            loaded,
             _duration(eta),
         )
         self._reset(step)
@@ -520,7 +528,8 @@ def train(run: Run) -> None:
     preemption = PreemptionHandler()
     preemption.install()
     # Steps after the checkpoint that an interrupted run logged are dropped: logging restarts at start + 1.
-    writer = SummaryWriter(run.run_dir / "tb", purge_step=start + 1) if run.main else None
+    # events in the run directory itself: TensorBoard names the run after it (no "/tb" suffix)
+    writer = SummaryWriter(run.run_dir, purge_step=start + 1) if run.main else None
     train_log = TrainLog(run, writer, start)
     progress = tqdm(
         total=run.last_step, initial=start, disable=not run.main, desc="train", dynamic_ncols=True
