@@ -137,7 +137,9 @@ def build_runtimes(args, cfg, model: nn.Module, folder: Path) -> dict[str, Calla
         if name == "torch":
             runtimes[label] = under_autocast(model, device, dtype)
         elif name == "torch-compile":
-            runtimes[label] = under_autocast(compile_for_inference(model, mode=args.compile_mode), device, dtype)
+            runtimes[label] = under_autocast(
+                compile_for_inference(model, mode=args.compile_mode), device, dtype
+            )
         elif name == "onnxruntime":
             for level in args.ort_opt.split(","):
                 runtimes[f"onnxruntime[{level}]"] = OnnxRuntimeNetwork(
