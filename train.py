@@ -418,7 +418,6 @@ class TrainLog:
         seconds = time.perf_counter() - self.since
         self.writer.add_scalar("perf/first_step_s", seconds, step)
         if self.compile_stats is None:
-            log.info("step %d took %.1f s", step, seconds)
             return
         summary = self.compile_stats.summary()
         self.writer.add_scalar("compile/first_step_compile_s", summary.seconds, step)

@@ -173,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = find_images(args.input)
     device = resolve_device(args.device)
     model, cfg = load_network(args, overrides, device)
+    if hasattr(model, "masked_attn"):  # as evaluation: masked attention only with eval.masked_attn=true
+        model.masked_attn = bool(cfg.eval.masked_attn)
     if args.compile:
         model = compile_for_inference(model)
     task = cfg.task.name

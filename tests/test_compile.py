@@ -143,17 +143,17 @@ def test_inference_compiles_whole_without_breaks(make_tiny_eomt):
     torch.testing.assert_close(got[1][-1], expected[1][-1], rtol=1e-5, atol=1e-5)
 
 
-def test_compile_stats_names_a_function_at_the_recompile_limit(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+def test_compile_stats_names_a_function_at_the_recompile_limit():
     stats = CompileStats()
 
-    @torch.compile(backend="eager")
+    @torch.compile(backend="eager", dynamic=False)
     def scaled(x, factor):
         return x * factor
 
-    for factor in range(4):  # an int argument is a guard: each new value recompiles, until the limit
-        scaled(torch.ones(2), factor)
-    summary = stats.summary()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for factor in range(4):  # an int argument is a guard: each new value recompiles, until the limit
+            scaled(torch.ones(2), factor)
+        summary = stats.summary()
     assert summary.recompiles >= 1
     assert any(name.startswith("scaled (") for name in summary.at_limit)
 
