@@ -114,7 +114,8 @@ class Trainer:
             params = model
             self.set_probs = model.set_attn_mask_probs
             if runtime == "compiled":
-                compile_for_training(model, **({"mode": args.compile_mode} if args.compile_mode else {}))
+                options = {"mode": args.compile_mode} if args.compile_mode else {}
+                compile_for_training(model, **options, **({"dynamic": False} if args.static else {}))
             forward = model
         self.forward, self.params, self.device = forward, params, device
         self.amp = AMP_DTYPES[dtype]
@@ -239,6 +240,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-mode", help="torch.compile mode for runtime compiled (e.g. max-autotune)")
+    parser.add_argument(
+        "--static", action="store_true", help="runtime compiled with dynamic=False (one graph per shape)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args()
