@@ -285,13 +285,14 @@ def test_metric_pipeline_raises_the_workers_error_and_bounds_the_queue():
         done.append(x)
 
     pipeline = MetricPipeline(depth=2)
-    for i in range(3):
+    for i in range(2):
         pipeline.submit(slow, i)
     started.wait(5)
     assert done == []  # submit returned while the first item was still running
     release.set()
-    pipeline.submit(slow, 3)  # a fourth item waits until at most two are queued
+    pipeline.submit(slow, 2)  # a third waits until at most two are pending
     assert done[:1] == [0]
+    pipeline.submit(slow, 3)
 
     def fail(x):
         raise ValueError(f"bad prediction {x}")
