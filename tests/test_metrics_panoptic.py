@@ -13,6 +13,7 @@ from PIL import Image
 
 from eomt.metrics.panoptic import (
     PanopticEvaluator,
+    _index_of,
     id_to_rgb,
     pq_compute,
     pq_image_stats,
@@ -242,3 +243,23 @@ def test_evaluator_counts_an_image_seen_twice_once():
     evaluator.reset()
     evaluator.update([prediction], [{**sample, "image_id": 8}])
     assert evaluator.compute()["num_images"] == 1
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        np.arange(1, 40),  # our predictions: small ids, a direct table
+        np.random.default_rng(0).choice(2**24, 60, replace=False),  # PNG ids: a hash of the low bits
+        np.arange(1, 300) << 16,  # low 16 bits all zero: a hash of the shifted bits
+        np.arange(70_000) * 211 + 5,  # too many ids for a 16-bit table: binary search
+    ],
+    ids=["small", "png", "high-bits", "many"],
+)
+def test_segment_lookup_finds_listed_ids_and_only_them(ids):
+    rng = np.random.default_rng(1)
+    unlisted = np.setdiff1d(rng.integers(0, 2**24, 500), ids)
+    values = np.concatenate([rng.choice(ids, 3000), unlisted, ids[:5]])
+    rng.shuffle(values)
+    position = {int(v): i for i, v in enumerate(ids)}
+    expected = [position.get(int(v), -7) for v in values]
+    assert _index_of(values.astype(np.int32), ids, absent=-7).tolist() == expected

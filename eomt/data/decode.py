@@ -45,6 +45,11 @@ def read_png(store: Store, name: str) -> np.ndarray:
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic segment ids from an (H, W, 3) PNG: R + 256 G + 256^2 B (0 = void)."""
-    rgb = rgb.astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    """COCO panoptic segment ids (H, W) int32 from an (H, W, 3) PNG: R + 256 G + 256^2 B (0 = void)."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.int32)
+        return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    packed = np.zeros((*rgb.shape[:-1], 4), dtype=np.uint8)  # R, G, B, 0: one little-endian int32
+    packed[..., :3] = rgb[..., :3]
+    return packed.view("<i4")[..., 0]
