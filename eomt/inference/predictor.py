@@ -28,7 +28,7 @@ from torch import nn
 
 from eomt.device import AMP_DTYPES, CPU_PRECISIONS, inference_autocast
 from eomt.inference.postprocess import (
-    instance_masks,
+    instance_masks_letterboxed,
     instance_topk,
     panoptic_keep,
     panoptic_segments,
@@ -183,7 +183,7 @@ class InstancePredictor(LetterboxPredictor):
             predictions = []
             for image_masks, image_classes, box in zip(mask_logits, class_logits, boxes, strict=True):
                 queries, labels, class_probs = instance_topk(image_classes, self.topk)
-                masks, scores = instance_masks(unletterbox(image_masks[queries].float(), box), class_probs)
+                masks, scores = instance_masks_letterboxed(image_masks, queries, class_probs, box)
                 predictions.append({"masks": masks, "labels": labels, "scores": scores})
             outputs.append(predictions)
         return outputs
