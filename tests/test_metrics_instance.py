@@ -10,7 +10,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from eomt.metrics.cityscapes_instance import cityscapes_ap, match_cityscapes_image
-from eomt.metrics.instance import InstanceEvaluator
+from eomt.metrics.instance import InstanceEvaluator, encode_masks
 
 H, W = 40, 50
 
@@ -122,3 +122,21 @@ def test_wrong_mask_size_raises():
             ],
             [sample(1, [])],
         )
+
+
+def test_encode_masks_gives_pycocotools_strings():
+    rng = np.random.default_rng(0)
+    height, width = 23, 17
+    masks = np.zeros((9, height, width), dtype=bool)
+    masks[0] = True  # everything: one run from the first to the last pixel
+    masks[1, :, 4:6] = True  # full columns: runs that continue into the next column
+    masks[2, -1, 3] = masks[2, 0, 4] = True  # a run across a column boundary
+    masks[3, 0, 0] = masks[3, -1, -1] = True  # first and last pixel
+    masks[4, 5:9, 2:11] = True  # a box
+    masks[5] = rng.random((height, width)) < 0.3  # speckle
+    masks[6, 2:20, 1:16] = rng.random((18, 15)) < 0.7
+    # masks[7] stays empty; masks[8]: the last column
+    masks[8, :, -1] = True
+    expected = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    assert encode_masks(torch.from_numpy(masks)) == expected
+    assert encode_masks(masks[:0]) == []

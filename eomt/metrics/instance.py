@@ -26,11 +26,39 @@ COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict]:
-    """Binary masks (K,H,W) -> COCO RLE dicts (`counts` as bytes)."""
-    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if masks.shape[0] == 0:
+    """Binary masks (K,H,W) -> COCO RLE dicts (`counts` as bytes), as `pycocotools.mask.encode`.
+
+    The run boundaries are found only inside each mask's bounding box (instance masks cover a
+    small part of the image), then pycocotools compresses them: the same strings as `encode` on
+    the whole (H,W,K) Fortran array, without that copy and scan of every pixel of every mask.
+    """
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().to("cpu", torch.bool).numpy()
+    masks = np.asarray(masks).astype(bool, copy=False)
+    num, height, width = masks.shape
+    if num == 0:
         return []
-    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    rows, cols = masks.any(2), masks.any(1)  # numpy's: far faster than torch's on bool
+    rles = []
+    for k in range(num):
+        ys, xs = np.flatnonzero(rows[k]), np.flatnonzero(cols[k])
+        counts = np.array([height * width])
+        if len(ys):
+            y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+            # column-major like COCO: each column of the box between a False row above and below
+            columns = np.zeros((x1 - x0, y1 - y0 + 2), dtype=bool)
+            columns[:, 1:-1] = masks[k, y0:y1, x0:x1].T
+            changes = np.flatnonzero(columns[:, 1:] != columns[:, :-1])
+            column, row = np.divmod(changes, y1 - y0 + 1)
+            boundaries = (x0 + column) * height + y0 + row
+            if y0 == 0 and y1 == height:  # a run crossing from one column into the next is one run
+                joined = np.flatnonzero(boundaries[1:] == boundaries[:-1])
+                boundaries = np.delete(boundaries, np.concatenate([joined, joined + 1]))
+            if boundaries[-1] != height * width:  # else the mask reaches the last pixel: no final empty run
+                boundaries = np.append(boundaries, height * width)
+            counts = np.diff(boundaries, prepend=0)
+        rles.append({"size": [height, width], "counts": counts.astype(np.uint32)})
+    return mask_utils.frPyObjects(rles, height, width)
 
 
 def coco_mask_ap(
