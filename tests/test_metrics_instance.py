@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from eomt.errors import ConfigError
 from eomt.metrics.cityscapes_instance import cityscapes_ap, match_cityscapes_image
-from eomt.metrics.instance import InstanceEvaluator, encode_masks
+from eomt.metrics.instance import InstanceEvaluator, ap_compute, coco_mask_ap, encode_masks
 
 H, W = 40, 50
 
@@ -140,3 +142,78 @@ def test_encode_masks_gives_pycocotools_strings():
     expected = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     assert encode_masks(torch.from_numpy(masks)) == expected
     assert encode_masks(masks[:0]) == []
+
+
+def test_hotcoco_backend_gives_pycocotools_results(tmp_path):
+    pytest.importorskip("hotcoco", reason="the optional extra eomt[metrics]; make test installs it")
+    rng = np.random.default_rng(3)
+    images, truth, detections = [], [], []
+    for image_id in range(1, 9):
+        height, width = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        images.append({"id": image_id, "height": height, "width": width})
+        for _ in range(int(rng.integers(1, 6))):
+            mask = np.zeros((height, width), dtype=bool)
+            y, x = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 12))
+            mask[y : y + int(rng.integers(3, 30)), x : x + int(rng.integers(3, 30))] = True
+            category = int(rng.integers(3))
+            rle = encode_masks(mask[None])[0]
+            truth.append(
+                {
+                    "image_id": image_id,
+                    "category_id": category,
+                    "segmentation": rle,
+                    "area": int(mask.sum()),
+                    "iscrowd": int(rng.random() < 0.1),
+                }
+            )
+            for _ in range(2):
+                moved = np.roll(mask, int(rng.integers(-4, 5)), axis=int(rng.integers(2)))
+                detections.append(
+                    {
+                        "image_id": image_id,
+                        "segmentation": encode_masks(moved[None])[0],
+                        "category_id": category if rng.random() < 0.8 else int(rng.integers(3)),
+                        "score": float(rng.random()),
+                    }
+                )
+    reference = coco_mask_ap(images, truth, detections, num_classes=3)
+    fast = coco_mask_ap(images, truth, detections, num_classes=3, backend="hotcoco")
+    assert reference["AP"] > 0.1 and json.dumps(fast) == json.dumps(reference)
+
+    def plain(rle):
+        return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+    gt_file, results_file = tmp_path / "gt.json", tmp_path / "results.json"
+    gt_file.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": [
+                    {
+                        **a,
+                        "id": i + 1,
+                        "category_id": a["category_id"] + 1,
+                        "segmentation": plain(a["segmentation"]),
+                    }
+                    for i, a in enumerate(truth)
+                ],
+                "categories": [{"id": c + 1, "name": f"c{c}"} for c in range(3)],
+            }
+        )
+    )
+    results_file.write_text(
+        json.dumps(
+            [
+                {**d, "category_id": d["category_id"] + 1, "segmentation": plain(d["segmentation"])}
+                for d in detections
+            ]
+        )
+    )
+    from_files = ap_compute(gt_file, results_file)
+    assert json.dumps(ap_compute(gt_file, results_file, backend="hotcoco")) == json.dumps(from_files)
+    assert json.dumps(from_files) == json.dumps({k: reference[k] for k in from_files})
+
+
+def test_an_unknown_metric_backend_is_one_line():
+    with pytest.raises(ConfigError, match="backend=fastcoco is not one of pycocotools|hotcoco"):
+        InstanceEvaluator(num_classes=3, backend="fastcoco")
