@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eomt.data.decode import png_ids, rgb_to_id
 from eomt.metrics.panoptic import (
     PanopticEvaluator,
     _index_of,
     id_to_rgb,
     pq_compute,
     pq_image_stats,
-    rgb_to_id,
     summarize_pq,
 )
 
@@ -205,6 +206,9 @@ def test_agrees_with_panopticapi_and_with_the_evaluator(tmp_path, seed):
         expected = reference_pq_compute(str(gt_json), str(pred_json))
     ours = pq_compute(gt_json, pred_json, num_workers=1)
     ours_parallel = pq_compute(gt_json, pred_json, num_workers=2)
+    backends = [ours, ours_parallel]
+    if importlib.util.find_spec("hotcoco"):  # the optional extra eomt[metrics]; make test installs it
+        backends.append(pq_compute(gt_json, pred_json, backend="hotcoco"))
 
     evaluator = PanopticEvaluator(num_classes=num_categories, thing_classes=[0, 1, 2])
     for image_id, (gt, gt_segs, pred, pred_segs) in enumerate(cases):
@@ -214,15 +218,16 @@ def test_agrees_with_panopticapi_and_with_the_evaluator(tmp_path, seed):
 
     for group in ("All", "Things", "Stuff"):
         assert expected[group]["n"] > 0
-        for result in (ours, ours_parallel, from_evaluator):
+        for result in (*backends, from_evaluator):
             assert result[group]["n"] == expected[group]["n"]
             for key in ("pq", "sq", "rq"):
                 assert result[group][key] == pytest.approx(expected[group][key], abs=1e-12)
     for i, category_id in enumerate(category_ids):
         for key in ("pq", "sq", "rq"):
-            assert ours["per_class"][category_id][key] == pytest.approx(
-                expected["per_class"][category_id][key]
-            )
+            for result in backends:
+                assert result["per_class"][category_id][key] == pytest.approx(
+                    expected["per_class"][category_id][key]
+                )
             assert from_evaluator["per_class"][i][key] == pytest.approx(
                 expected["per_class"][category_id][key]
             )
@@ -263,3 +268,11 @@ def test_segment_lookup_finds_listed_ids_and_only_them(ids):
     position = {int(v): i for i, v in enumerate(ids)}
     expected = [position.get(int(v), -7) for v in values]
     assert _index_of(values.astype(np.int32), ids, absent=-7).tolist() == expected
+
+
+def test_png_ids_read_the_rgb_bytes_as_ids(tmp_path):
+    ids = np.array([[0, 1, 255, 256], [65535, 65536, 2**24 - 1, 123456]])
+    Image.fromarray(id_to_rgb(ids)).save(tmp_path / "ids.png")
+    with Image.open(tmp_path / "ids.png") as image:
+        assert png_ids(image).tolist() == ids.tolist()
+        assert png_ids(image.convert("RGBA")).tolist() == ids.tolist()  # other modes: through RGB
