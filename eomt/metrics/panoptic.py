@@ -253,7 +253,7 @@ def pq_compute(
     {"pq", "sq", "rq", "n"} and "per_class" {category_id: {"pq", "sq", "rq"}}, as fractions.
     `num_workers` processes read and score the images (default: all CPUs). `backend="hotcoco"`
     scores them in hotcoco instead (the optional extra `eomt[metrics]`; the same numbers to
-    ~1e-16, several times faster per core: PNG decoding bounds numpy's path, see bench/eval.py).
+    ~1e-16, several times faster per core than numpy's path here or panopticapi: bench/eval.py).
     """
     gt_json_file, pred_json_file = str(gt_json_file), str(pred_json_file)
     gt_folder = str(gt_folder) if gt_folder is not None else gt_json_file.replace(".json", "")
