@@ -10,8 +10,9 @@ segments; instance queries are blobs of 1-30 low-resolution pixels' radius, of w
 (query, class) pairs are kept. Times are per image, the best of `--repeats` passes (the machine
 may be shared: compare the ratios, which are measured side by side in the same run).
 
-- pipeline: `evaluate()` with a stand-in network (the tiny EoMT's forward at the crop for its cost;
-  it hands on the synthetic logits), per stage (forward, post-processing, transfer to the host,
+- pipeline: `evaluate()` with a stand-in network (a `--model` forward at `--network-size` px for
+  its cost, default the tiny EoMT at 160 px, about a metric update's cost on a CPU; it hands on
+  the synthetic logits), per stage (forward, post-processing, transfer to the host,
   metric update) and in total, inline and pipelined (metric work in a background thread);
 - panoptic: post-processing; PQ statistics per image; offline `pq_compute` from PNG + JSON on
   one core against panopticapi (and hotcoco, if installed), results compared;
@@ -161,15 +162,18 @@ def instance_case(rng: np.random.Generator, objects: int = 12) -> tuple[torch.Te
 class StandIn(nn.Module):
     """The tiny EoMT's forward at the crop (its cost), returning the synthetic logits queued for the batch."""
 
-    def __init__(self, logits: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, model: str):
+    def __init__(
+        self, logits: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, model: str, size: int
+    ):
         super().__init__()
-        cfg = compose([f"model={model}", "model.pretrained=false", f"model.img_size=[{CROP[0]},{CROP[1]}]"])
+        cfg = compose([f"model={model}", "model.pretrained=false", f"model.img_size=[{size},{size}]"])
         self.network = build_model(cfg.model).to(device).eval()
+        self.size = size
         self.img_size, self.num_blocks = CROP, self.network.num_blocks
         self.logits, self.position = logits, 0
 
     def forward(self, images: torch.Tensor):
-        self.network(images)
+        self.network(F.interpolate(images, size=(self.size, self.size)) if self.size != CROP[0] else images)
         batch = [self.logits[(self.position + i) % len(self.logits)] for i in range(len(images))]
         self.position += len(images)
         masks, classes = (torch.stack(x).to(images.device) for x in zip(*batch, strict=True))
@@ -191,12 +195,11 @@ def sample_of(image_id: int, task: str, truth, device_input) -> dict:
 def pipeline_section(task: str, cases, predictor, make_evaluator, device, args) -> None:
     """Per-image stage times and evaluate()'s total, inline and pipelined, for one task."""
     repeats = args.repeats
-    model = StandIn([(m, c) for m, c, _ in cases], device, args.model)
+    model = StandIn([(m, c) for m, c, _ in cases], device, args.model, args.network_size)
     prepared = letterbox(torch.zeros((3, *ORIG), dtype=torch.uint8), CROP)
     samples = [sample_of(i, task, truth, prepared) for i, (_, _, truth) in enumerate(cases)]
     loader = [samples[i : i + 2] for i in range(0, len(samples), 2)]
     n = len(samples)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def forward_only():
         for batch in loader:
@@ -224,19 +227,31 @@ def pipeline_section(task: str, cases, predictor, make_evaluator, device, args) 
         for p, batch in zip(host_predictions, loader, strict=True):
             evaluator.update(p, batch)
 
-    forward = best_seconds(forward_only, repeats) / n
-    total_predict = best_seconds(predict, repeats) / n
-    move = best_seconds(transfer, repeats) / n
+    predict()
     host_predictions[:] = [on_host(p) for p in predictions]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    update = best_seconds(metric, repeats) / n
+    filled = make_evaluator()
+    for p, batch in zip(host_predictions, loader, strict=True):
+        filled.update(p, batch)
 
     def run(pipeline: bool):
         return lambda: evaluate(model, loader, predictor, make_evaluator(), progress=False, pipeline=pipeline)
 
-    totals = best_interleaved({"inline": run(False), "pipelined": run(True)}, repeats)
-    inline, pipelined = totals["inline"] / n, totals["pipelined"] / n
+    times = best_interleaved(
+        {
+            "forward": forward_only,
+            "predict": predict,
+            "transfer": transfer,
+            "metric": metric,
+            "compute": filled.compute,
+            "inline": run(False),
+            "pipelined": run(True),
+        },
+        repeats,
+    )
+    forward, total_predict, move, update, finish, inline, pipelined = (
+        times[k] / n for k in ("forward", "predict", "transfer", "metric", "compute", "inline", "pipelined")
+    )
+    inline, pipelined = inline - finish, pipelined - finish  # the loop alone: compute() runs once, after it
     stages = {
         "forward": forward,
         "post-processing": total_predict - forward,
@@ -244,8 +259,8 @@ def pipeline_section(task: str, cases, predictor, make_evaluator, device, args) 
         "metric update": update,
     }
     print(
-        f"  evaluate() per image ({device}, model={args.model} {args.precision} as the network, batch 2, {n} images; "
-        "totals include compute()):"
+        f"  evaluate() per image ({device}, model={args.model} at {args.network_size} px {args.precision} as the "
+        f"network, batch 2, {n} images; compute() after the loop left out):"
     )
     print("    " + "  ".join(f"{k} {1000 * v:.1f} ms" for k, v in stages.items()))
     slowest = max(forward + stages["post-processing"] + move, update)
@@ -609,6 +624,12 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="model group of the stand-in network's forward")
     parser.add_argument(
         "--precision", default="fp32", help="autocast of the forward on CUDA (bf16|fp16|fp32)"
+    )
+    parser.add_argument(
+        "--network-size",
+        type=int,
+        default=160,
+        help="the stand-in network's input (640: its cost at the crop)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
