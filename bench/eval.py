@@ -160,20 +160,31 @@ def instance_case(rng: np.random.Generator, objects: int = 12) -> tuple[torch.Te
 
 
 class StandIn(nn.Module):
-    """The tiny EoMT's forward at the crop (its cost), returning the synthetic logits queued for the batch."""
+    """A network's forward (its cost) returning the synthetic logits queued for the batch; with `wait_ms`,
+    a wait of that long per image instead, the GIL released, as a host waits on an accelerator."""
 
     def __init__(
-        self, logits: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, model: str, size: int
+        self,
+        logits: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+        model: str,
+        size: int,
+        wait_ms: float = 0.0,
     ):
         super().__init__()
         cfg = compose([f"model={model}", "model.pretrained=false", f"model.img_size=[{size},{size}]"])
         self.network = build_model(cfg.model).to(device).eval()
         self.size = size
         self.img_size, self.num_blocks = CROP, self.network.num_blocks
-        self.logits, self.position = logits, 0
+        self.logits, self.position, self.wait_ms = logits, 0, wait_ms
 
     def forward(self, images: torch.Tensor):
-        self.network(F.interpolate(images, size=(self.size, self.size)) if self.size != CROP[0] else images)
+        if self.wait_ms:
+            time.sleep(self.wait_ms * len(images) / 1000)
+        else:
+            self.network(
+                F.interpolate(images, size=(self.size, self.size)) if self.size != CROP[0] else images
+            )
         batch = [self.logits[(self.position + i) % len(self.logits)] for i in range(len(images))]
         self.position += len(images)
         masks, classes = (torch.stack(x).to(images.device) for x in zip(*batch, strict=True))
@@ -195,7 +206,7 @@ def sample_of(image_id: int, task: str, truth, device_input) -> dict:
 def pipeline_section(task: str, cases, predictor, make_evaluator, device, args) -> None:
     """Per-image stage times and evaluate()'s total, inline and pipelined, for one task."""
     repeats = args.repeats
-    model = StandIn([(m, c) for m, c, _ in cases], device, args.model, args.network_size)
+    model = StandIn([(m, c) for m, c, _ in cases], device, args.model, args.network_size, args.wait_ms)
     prepared = letterbox(torch.zeros((3, *ORIG), dtype=torch.uint8), CROP)
     samples = [sample_of(i, task, truth, prepared) for i, (_, _, truth) in enumerate(cases)]
     loader = [samples[i : i + 2] for i in range(0, len(samples), 2)]
@@ -259,8 +270,13 @@ def pipeline_section(task: str, cases, predictor, make_evaluator, device, args) 
         "metric update": update,
     }
     print(
-        f"  evaluate() per image ({device}, model={args.model} at {args.network_size} px {args.precision} as the "
-        f"network, batch 2, {n} images; compute() after the loop left out):"
+        f"  evaluate() per image ({device}, network: "
+        + (
+            f"a {args.wait_ms:g} ms wait per image"
+            if args.wait_ms
+            else f"{args.model} at {args.network_size} px"
+        )
+        + f", batch 2, {n} images; compute() after the loop left out):"
     )
     print("    " + "  ".join(f"{k} {1000 * v:.1f} ms" for k, v in stages.items()))
     slowest = max(forward + stages["post-processing"] + move, update)
@@ -624,6 +640,12 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="model group of the stand-in network's forward")
     parser.add_argument(
         "--precision", default="fp32", help="autocast of the forward on CUDA (bf16|fp16|fp32)"
+    )
+    parser.add_argument(
+        "--wait-ms",
+        type=float,
+        default=0.0,
+        help="the stand-in network waits this long per image instead (GIL released: an accelerator's forward)",
     )
     parser.add_argument(
         "--network-size",

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +221,33 @@ def test_hotcoco_backend_gives_pycocotools_results(tmp_path):
 def test_an_unknown_metric_backend_is_one_line():
     with pytest.raises(ConfigError, match="backend=fastcoco is not one of pycocotools|hotcoco"):
         InstanceEvaluator(num_classes=3, backend="fastcoco")
+
+
+@pytest.mark.slow
+def test_eval_benchmark_runs_and_finds_the_backends_identical():
+    """bench/eval.py's instance part end to end (one tiny pass): its comparisons find equal results."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "bench/eval.py",
+            "--tasks",
+            "instance",
+            "--images",
+            "1",
+            "--repeats",
+            "1",
+            "--offline-images",
+            "2",
+            "--wait-ms",
+            "1",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pycocotools" in run.stdout and "pipelined" in run.stdout
+    assert "identical" in run.stdout and "DIFFERENT" not in run.stdout
