@@ -64,24 +64,30 @@ def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict]:
     if num == 0:
         return []
     rows, cols = masks.any(2), masks.any(1)  # numpy's: far faster than torch's on bool
+    # each mask's box: first and last row / column holding a True pixel
+    top, bottom = rows.argmax(1).tolist(), (height - rows[:, ::-1].argmax(1)).tolist()
+    left, right = cols.argmax(1).tolist(), (width - cols[:, ::-1].argmax(1)).tolist()
+    empty = np.array([height * width], dtype=np.uint32)
     rles = []
-    for k in range(num):
-        ys, xs = np.flatnonzero(rows[k]), np.flatnonzero(cols[k])
-        counts = np.array([height * width])
-        if len(ys):
-            y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-            # column-major like COCO: each column of the box between a False row above and below
-            columns = np.zeros((x1 - x0, y1 - y0 + 2), dtype=bool)
-            columns[:, 1:-1] = masks[k, y0:y1, x0:x1].T
-            changes = np.flatnonzero(columns[:, 1:] != columns[:, :-1])
-            column, row = np.divmod(changes, y1 - y0 + 1)
-            boundaries = (x0 + column) * height + y0 + row
-            if y0 == 0 and y1 == height:  # a run crossing from one column into the next is one run
-                joined = np.flatnonzero(boundaries[1:] == boundaries[:-1])
-                boundaries = np.delete(boundaries, np.concatenate([joined, joined + 1]))
-            if boundaries[-1] != height * width:  # else the mask reaches the last pixel: no final empty run
-                boundaries = np.append(boundaries, height * width)
-            counts = np.diff(boundaries, prepend=0)
+    for k, found in enumerate(rows.any(1).tolist()):
+        if not found:
+            rles.append({"size": [height, width], "counts": empty})
+            continue
+        y0, y1, x0, x1 = top[k], bottom[k], left[k], right[k]
+        # column-major like COCO: each column of the box between a False row above and below
+        columns = np.zeros((x1 - x0, y1 - y0 + 2), dtype=bool)
+        columns[:, 1:-1] = masks[k, y0:y1, x0:x1].T
+        changes = np.flatnonzero(columns[:, 1:] != columns[:, :-1])
+        column, row = np.divmod(changes, y1 - y0 + 1)
+        edges = np.empty(len(changes) + 2, dtype=np.int64)  # 0, the run boundaries, the end
+        edges[0], edges[-1] = 0, height * width
+        edges[1:-1] = (x0 + column) * height + y0 + row
+        if y0 == 0 and y1 == height:  # a run crossing from one column into the next is one run
+            joined = 1 + np.flatnonzero(edges[2:-1] == edges[1:-2])
+            edges = np.delete(edges, np.concatenate([joined, joined + 1]))
+        counts = np.diff(edges)
+        if edges[-2] == height * width:  # the mask reaches the last pixel: no final empty run
+            counts = counts[:-1]
         rles.append({"size": [height, width], "counts": counts.astype(np.uint32)})
     return mask_utils.frPyObjects(rles, height, width)
 
