@@ -1,10 +1,14 @@
+import errno
 import logging
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from eomt.atomic import write_json
 from eomt.checkpointing import (
     CheckpointManager,
     atomic_save,
@@ -13,7 +17,7 @@ from eomt.checkpointing import (
     save_training_state,
     set_rng_state,
 )
-from eomt.errors import CheckpointError
+from eomt.errors import CheckpointError, DiskFullError, user_errors
 
 
 def test_keeps_last_k_and_finds_latest(tmp_path):
@@ -146,3 +150,56 @@ def test_training_state_round_trips_with_the_rng_streams(tmp_path):
     moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
     restored = [s["exp_avg"] for s in fresh_optimizer.state_dict()["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(moments, restored, strict=True))
+
+
+class _FullDisk:
+    """os.fdopen whose files take `room` bytes, then fail as a full disk does (ENOSPC)."""
+
+    def __init__(self, room: int):
+        self.room = room
+        self.real_fdopen = os.fdopen
+
+    def __call__(self, fd, mode="r", *args, **kwargs):
+        file = self.real_fdopen(fd, mode, *args, **kwargs)
+        real_write, disk = file.write, self
+
+        def write(data):
+            if len(data) > disk.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            disk.room -= len(data)
+            return real_write(data)
+
+        file.write = write
+        return file
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tmp_path, monkeypatch, capsys):
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    state = {"model": {"w": torch.arange(250_000, dtype=torch.float32)}, "step": 2}
+    manager.save(state, 2)
+    monkeypatch.setattr(os, "fdopen", _FullDisk(room=10_000))
+    with pytest.raises(SystemExit), user_errors():
+        manager.save({**state, "step": 4}, 4)
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "Traceback" not in message
+    assert f"no space left on the device of {tmp_path / 'checkpoints'}" in message
+    assert "step_00000004.pt (1.0 MB)" in message and "resumes from step 2 (step_00000002.pt)" in message
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002.pt"]  # no temp file
+    assert manager.load_latest()[1]["step"] == 2
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "overlays/1.png"])
+def test_full_disk_during_metrics_or_overlays_is_one_error(tmp_path, monkeypatch, name):
+    from eomt.inference.writers import write_png
+
+    (tmp_path / "overlays").mkdir()
+    monkeypatch.setattr(os, "fdopen", _FullDisk(room=0))
+    with pytest.raises(DiskFullError) as error:
+        if name.endswith(".json"):
+            write_json(tmp_path / name, {"pq": 60.57})
+        else:
+            write_png(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
+    assert f"device of {(tmp_path / name).parent}: could not write {Path(name).name} (" in str(error.value)
+    monkeypatch.undo()
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
