@@ -1,8 +1,10 @@
 """Turn one image's mask and class logits into a panoptic map, instances or a semantic map.
 
-All three are vectorised tensor code on the logits' device; the only Python loop is panoptic's
-walk over the kept queries (tens of them) to number segments and merge stuff, which touches
-no pixel. Inputs are float32 logits; class logits have C+1 entries, the last is "no object".
+All three are vectorised tensor code on the logits' device. Python loops over queries: panoptic's
+walk over the kept ones (tens) to number segments and merge stuff, which touches no pixel, and,
+on the CPU, instance masks upsampled one query at a time around its positive logits
+(`instance_masks_letterboxed`: a small box each instead of every pixel of the image).
+Inputs are float32 logits; class logits have C+1 entries, the last is "no object".
 """
 
 from __future__ import annotations
