@@ -508,7 +508,11 @@ def instance_section(args, rng, device) -> None:
             mask_utils.encode(np.asfortranarray(m.numpy().transpose(1, 2, 0).astype(np.uint8)))
 
     times = best_interleaved(
-        {"pycocotools": pycocotools_encode, "ours": lambda: [encode_masks(m) for m in masks]}, args.repeats
+        {
+            "pycocotools": pycocotools_encode,
+            "ours": lambda: [encode_masks(p["masks"], p.get("boxes")) for p in predictions],
+        },
+        args.repeats,
     )
     reference, encode = times["pycocotools"], times["ours"]
     evaluator = InstanceEvaluator(num_classes=INSTANCE_CLASSES)
@@ -546,7 +550,7 @@ def instance_offline(rng, count: int, repeats: int, predictor, box) -> None:
             )
         prediction = predictor._predict(_Logits(mask_logits, class_logits), [box], False)[0][0]
         for rle, label, score in zip(
-            encode_masks(prediction["masks"]),
+            encode_masks(prediction["masks"], prediction.get("boxes")),
             prediction["labels"].tolist(),
             prediction["scores"].tolist(),
             strict=True,

@@ -146,6 +146,16 @@ def test_encode_masks_gives_pycocotools_strings():
     expected = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     assert encode_masks(torch.from_numpy(masks)) == expected
     assert encode_masks(masks[:0]) == []
+    # given boxes holding each mask's pixels, loose or tight, read only there: the same strings
+    loose = [
+        [0, height, 0, width],
+        [0, height, 3, 7],
+        [0, height, 3, 5],
+        [0, height, 0, width],
+        [4, 10, 1, 12],
+    ]
+    loose += [[0, height, 0, width], [1, 21, 0, 17], [3, 3, 0, 0], [0, height, width - 1, width]]
+    assert encode_masks(masks, torch.tensor(loose)) == expected
 
 
 def test_hotcoco_backend_gives_pycocotools_results(tmp_path):

@@ -146,11 +146,16 @@ def test_instance_masks_upsampled_around_positive_logits_equal_the_dense_path(or
     )
     probs = torch.rand(len(queries), generator=generator)
 
-    masks, scores = instance_masks_letterboxed(logits, queries, probs, box)
+    masks, scores, boxes = instance_masks_letterboxed(logits, queries, probs, box)
     dense_masks, dense_scores = instance_masks(unletterbox(logits[queries], box), probs)
     assert masks.shape == (len(queries), *orig) and masks.any()
     assert torch.equal(masks, dense_masks)
     torch.testing.assert_close(scores, dense_scores, rtol=1e-6, atol=0)
+    if boxes is None:  # resized: the dense path
+        assert orig == (70, 100)
+    else:  # every True pixel lies in its box
+        for mask, (top, bottom, left, right) in zip(masks, boxes.tolist(), strict=True):
+            assert mask.sum() == mask[top:bottom, left:right].sum()
     assert (
         scores[3] == 0
         and torch.equal(masks[6], masks[1])

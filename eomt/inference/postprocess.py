@@ -113,7 +113,7 @@ def instance_masks(mask_logits: torch.Tensor, class_probs: torch.Tensor) -> tupl
 
 def instance_masks_letterboxed(
     mask_logits: torch.Tensor, queries: torch.Tensor, class_probs: torch.Tensor, box: NetworkInput
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`instance_masks(unletterbox(mask_logits[queries], box), class_probs)`, computing only what matters.
 
     mask_logits (Q,h,w) of one letterboxed image at the network's resolution (crop / 4); queries,
@@ -126,16 +126,19 @@ def instance_masks_letterboxed(
     dense path's exactly; scores add the same float32 values in another order (~1e-7 relative).
     Needs the letterbox's second resize to be the identity (the image fits the crop without
     scaling, as COCO at 640); otherwise, and off the CPU (where one batched interpolate beats a
-    hundred small ones), this is the dense path.
+    hundred small ones), this is the dense path. Returns (masks, scores, boxes): boxes int64 (K,4)
+    (top, bottom, left, right, ends exclusive) hold every True pixel of each mask (RLE encoding
+    reads only them); None from the dense path.
     """
     height, width = box.orig_size
     h, w = mask_logits.shape[-2:]
     exact = tuple(box.crop) == (4 * h, 4 * w) and tuple(box.resized_size) == (height, width)
     if not exact or mask_logits.device.type != "cpu":
-        return instance_masks(unletterbox(mask_logits[queries].float(), box), class_probs)
+        return (*instance_masks(unletterbox(mask_logits[queries].float(), box), class_probs), None)
     num = len(queries)
     masks = torch.zeros((num, height, width), dtype=torch.bool, device=mask_logits.device)
     mask_scores = torch.zeros(num, dtype=torch.float32, device=mask_logits.device)
+    box_list = [[0, 0, 0, 0]] * num
     unique, inverse = torch.unique(queries, return_inverse=True)
     order = torch.arange(num, device=queries.device)
     first_row = torch.full((len(unique),), num, device=queries.device).scatter_reduce(
@@ -174,11 +177,14 @@ def instance_masks_letterboxed(
         region = up[y0:y1, x0:x1]
         inside = region > 0
         masks[k, 4 * a + y0 : 4 * a + y1, 4 * c + x0 : 4 * c + x1] = inside
+        box_list[k] = [4 * a + y0, 4 * a + y1, 4 * c + x0, 4 * c + x1]
         mask_scores[k] = (region.sigmoid() * inside).sum() / (inside.sum() + 1e-6)
     source = first_row[inverse]  # a query listed twice (two classes) was upsampled once
     repeated = source != order
     masks[repeated], mask_scores[repeated] = masks[source[repeated]], mask_scores[source[repeated]]
-    return masks, class_probs * mask_scores
+    boxes = torch.tensor(box_list, dtype=torch.int64).reshape(num, 4)
+    boxes[repeated] = boxes[source[repeated]]
+    return masks, class_probs * mask_scores, boxes
 
 
 def semantic_scores(mask_logits: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
