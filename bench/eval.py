@@ -504,8 +504,9 @@ def instance_section(args, rng, device) -> None:
     samples = [{"image_id": i, "orig_size": ORIG, "instances": t} for i, (_, _, t) in enumerate(cases)]
 
     def pycocotools_encode():
-        for m in masks:
-            mask_utils.encode(np.asfortranarray(m.numpy().transpose(1, 2, 0).astype(np.uint8)))
+        return [
+            mask_utils.encode(np.asfortranarray(m.numpy().transpose(1, 2, 0).astype(np.uint8))) for m in masks
+        ]
 
     times = best_interleaved(
         {
@@ -515,11 +516,13 @@ def instance_section(args, rng, device) -> None:
         args.repeats,
     )
     reference, encode = times["pycocotools"], times["ours"]
+    same = pycocotools_encode() == [encode_masks(p["masks"], p.get("boxes")) for p in predictions]
     evaluator = InstanceEvaluator(num_classes=INSTANCE_CLASSES)
     update = best_seconds(lambda: evaluator.update(predictions, samples), args.repeats)
     print(
         f"  RLE encoding {1000 * encode / args.images:.1f} ms/image, pycocotools' encode "
-        f"{1000 * reference / args.images:.1f}: {reference / encode:.1f}x; metric update (RLE + record) "
+        f"{1000 * reference / args.images:.1f}: {reference / encode:.1f}x ({'identical' if same else 'DIFFERENT'} strings); "
+        f"metric update (RLE + record) "
         f"{1000 * update / args.images:.1f} ms/image"
     )
     if args.offline_images:
