@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,export]'
+	$(BIN)/pip install -q -e '.[test,export,metrics]'
 	$(BIN)/pip install -q --no-deps panopticapi-lite
 	touch $@
 

@@ -6,7 +6,11 @@
 
 `evaluate(model, loader, predictor, evaluator)` is the loop underneath: every rank runs its share
 of the images (`ShardSampler`) and gets the metrics of all of them. Callbacks see each batch's final
-predictions with their samples (overlays, file writers). `Evaluation.run` also writes
+predictions with their samples (overlays, file writers). With `pipeline` (the default) the
+forward pass and post-processing stay on the loop's thread and device, while the CPU work on
+finished predictions (their copy to the host, RLE encoding, PQ / IoU accumulation, callbacks) runs
+in one background thread, batch after batch in order: the next forward overlaps it and the results
+are those of the inline loop. `Evaluation.run` also writes
 `metrics.json` (rank 0, atomically), logs the headline numbers and overlays to TensorBoard and
 leaves the caller's RNG streams as they were, so evaluating during training does not change it.
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -91,6 +97,92 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
+class MetricPipeline:
+    """CPU work on finished predictions, off the forward pass's path: `submit(fn, predictions, ...)`
+    runs `fn` in one background thread, in submission order (so results equal the inline loop's),
+    with at most `depth` batches waiting; `close()` waits for all of them. An error in `fn` is raised
+    by the next `submit` or by `close`. With `depth=0` everything runs inline, at once.
+
+    Device predictions are copied to the host by the submitting thread (asynchronously into pinned
+    memory on CUDA) and the worker waits for the copy, so the worker never queues behind the next
+    forward pass on the device.
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="eomt-metrics") if depth > 0 else None
+        self._pending: deque[Future] = deque()
+
+    def submit(self, fn: Callable[..., None], predictions: Any, *args: Any) -> None:
+        if self._pool is None:
+            fn(predictions, *args)
+            return
+        host, copied = to_host(predictions)
+        self._pending.append(self._pool.submit(_run_after, copied, fn, host, *args))
+        while len(self._pending) > self.depth:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for all submitted work (raising the first error) and stop the thread."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._abort()
+
+    def _abort(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> MetricPipeline:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the loop's own error is the one to see: drop the queued work
+            self._abort()
+
+
+def to_host(tree: Any) -> tuple[Any, torch.cuda.Event | None]:
+    """`tree` (dicts, lists, tuples of tensors and plain values) with its tensors on the CPU.
+
+    CUDA tensors are copied asynchronously into pinned memory; the returned event marks the end of
+    the copies (None when nothing was on CUDA).
+    """
+    event = None
+
+    def move(x: Any) -> Any:
+        nonlocal event
+        if isinstance(x, torch.Tensor):
+            if x.device.type != "cuda":
+                return x
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+            event = event or torch.cuda.Event()
+            return host
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return type(x)(move(v) for v in x)
+        return x
+
+    moved = move(tree)
+    if event is not None:
+        event.record()
+    return moved, event
+
+
+@torch.inference_mode()
+def _run_after(event: torch.cuda.Event | None, fn: Callable[..., None], *args: Any) -> None:
+    if event is not None:
+        event.synchronize()
+    fn(*args)
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -102,12 +194,15 @@ def evaluate(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     description: str = "eval",
+    pipeline: bool = True,
 ) -> dict[str, Any]:
     """Metrics of `model` on `loader` (batches of evaluation samples, `collate_eval`; samples with
     an "input" prepared by the loader's workers skip the predictor's own preparation).
 
     With `per_block`, the result also holds "per_block": {i: metrics of the prediction made
     before query block i} (the model must be built with masked attention, which makes them).
+    With `pipeline`, evaluator updates and callbacks run in a background thread (`MetricPipeline`)
+    and see predictions on the CPU; without, inline on the predictions as the predictor made them.
     The model is put in eval mode for the loop and given back in its previous mode.
     """
     block_evaluators = []
@@ -118,23 +213,27 @@ def evaluate(
     for ev in (evaluator, *block_evaluators):
         ev.reset()
 
+    def consume(per_point: list[list[dict]], samples: list[dict]) -> None:
+        for ev, predictions in zip(block_evaluators, per_point[:-1], strict=False):
+            ev.update(predictions, samples)
+        evaluator.update(per_point[-1], samples)
+        for callback in callbacks:
+            callback(per_point[-1], samples)
+
     was_training = model.training
     model.eval()
     try:
-        for samples in tqdm(
-            loader, desc=description, disable=not (progress and distributed.is_main()), dynamic_ncols=True
-        ):
-            inputs = [s.get("input", s["image"]) for s in samples]  # prepared by the loader, or raw
-            per_point = predictor.predict(model, inputs, all_blocks=per_block)
-            if per_block and len(per_point) != len(block_evaluators) + 1:
-                raise ValueError(
-                    f"the model made {len(per_point)} predictions, expected num_blocks + 1 = {len(block_evaluators) + 1}"
-                )
-            for ev, predictions in zip(block_evaluators, per_point[:-1], strict=False):
-                ev.update(predictions, samples)
-            evaluator.update(per_point[-1], samples)
-            for callback in callbacks:
-                callback(per_point[-1], samples)
+        with MetricPipeline(depth=2 if pipeline else 0) as metric_work:
+            for samples in tqdm(
+                loader, desc=description, disable=not (progress and distributed.is_main()), dynamic_ncols=True
+            ):
+                inputs = [s.get("input", s["image"]) for s in samples]  # prepared by the loader, or raw
+                per_point = predictor.predict(model, inputs, all_blocks=per_block)
+                if per_block and len(per_point) != len(block_evaluators) + 1:
+                    raise ValueError(
+                        f"the model made {len(per_point)} predictions, expected num_blocks + 1 = {len(block_evaluators) + 1}"
+                    )
+                metric_work.submit(consume, per_point, samples)
     finally:
         model.train(was_training)
 
@@ -191,10 +290,13 @@ class Evaluation:
         cpu_precision: str = "fp32",
         crop: Sequence[int] | None = None,
         compile_fps: str | bool = "auto",
+        pipeline: bool = True,
     ):
         """`crop`: the network's input size; given, the loader's workers resize each image for the
         network (PIL, as the release) so the accelerator gets it ready. `compile_fps`: time the forward
-        pass compiled (`eomt.compilation.compile_for_inference`), as the paper's FPS; auto = on CUDA."""
+        pass compiled (`eomt.compilation.compile_for_inference`), as the paper's FPS; auto = on CUDA.
+        `pipeline`: metric updates and callbacks in a background thread (`MetricPipeline`),
+        overlapping the next forward."""
         self.dataset = dataset
         self.predictor = predictor
         self.evaluator = evaluator
@@ -208,6 +310,7 @@ class Evaluation:
         self.precision = precision
         self.cpu_precision = cpu_precision
         self.compile_fps = device.type == "cuda" if compile_fps == "auto" else bool(compile_fps)
+        self.pipeline = pipeline
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -240,6 +343,7 @@ class Evaluation:
             cpu_precision=cfg.eval.cpu_precision,
             crop=tuple(cfg.model.img_size),
             compile_fps=cfg.eval.compile_fps,
+            pipeline=cfg.eval.pipeline,
         )
 
     def run(
@@ -265,6 +369,7 @@ class Evaluation:
                     per_block=self.per_block,
                     callbacks=[overlays, *callbacks],
                     description=f"eval {self.dataset_name} {self.task}",
+                    pipeline=self.pipeline,
                 )
         result = EvaluationResult(metrics, overlays=overlays.overlays)
         if not distributed.is_main():

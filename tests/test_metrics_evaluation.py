@@ -4,6 +4,7 @@ AP equals COCOeval on the results JSON it wrote; per-block metrics, overlays, ta
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import nn
 
-from eomt.evaluation import ShardSampler, evaluate
+from eomt.evaluation import MetricPipeline, ShardSampler, evaluate
 from eomt.inference import InstancePredictor, PanopticPredictor, SemanticPredictor
 from eomt.inference.writers import (
     CocoInstanceWriter,
@@ -231,3 +232,72 @@ def test_cityscapes_label_ids_map_train_ids_to_label_ids():
 def test_shard_sampler_splits_without_repeats():
     shards = [list(ShardSampler(7, rank=r, world_size=3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(7)) and [len(s) for s in shards] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
+def test_pipelined_evaluation_equals_the_inline_loop(task):
+    samples = make_samples(7, seed=3)
+    predictor = {
+        "panoptic": PanopticPredictor(thing_classes=[0, 1]),
+        "instance": InstancePredictor(topk=6),
+        "semantic": SemanticPredictor(),
+    }[task]
+
+    def run(pipeline: bool):
+        evaluator = {
+            "panoptic": PanopticEvaluator(num_classes=3, thing_classes=[0, 1]),
+            "instance": InstanceEvaluator(num_classes=3),
+            "semantic": SemanticEvaluator(num_classes=3),
+        }[task]
+        seen = []  # (thread, image ids) of each callback call
+
+        def callback(predictions, batch):
+            seen.append((threading.get_ident(), [s["image_id"] for s in batch]))
+
+        metrics = evaluate(
+            ColourNet(),
+            batches(samples, 2),
+            predictor,
+            evaluator,
+            callbacks=[callback],
+            progress=False,
+            pipeline=pipeline,
+        )
+        return metrics, seen
+
+    pipelined, seen_pipelined = run(True)
+    inline, seen_inline = run(False)
+    assert json.dumps(pipelined, sort_keys=True) == json.dumps(inline, sort_keys=True)  # nan == nan
+    order = [ids for _, ids in seen_inline]
+    assert [ids for _, ids in seen_pipelined] == order  # batch after batch, in order
+    assert {thread for thread, _ in seen_inline} == {threading.get_ident()}
+    assert threading.get_ident() not in {thread for thread, _ in seen_pipelined}  # off the loop's thread
+
+
+def test_metric_pipeline_raises_the_workers_error_and_bounds_the_queue():
+    started = threading.Event()
+    release = threading.Event()
+    done = []
+
+    def slow(x):
+        started.set()
+        release.wait(5)
+        done.append(x)
+
+    pipeline = MetricPipeline(depth=2)
+    for i in range(2):
+        pipeline.submit(slow, i)
+    started.wait(5)
+    assert done == []  # submit returned while the first item was still running
+    release.set()
+    pipeline.submit(slow, 2)  # a third waits until at most two are pending
+    assert done[:1] == [0]
+    pipeline.submit(slow, 3)
+
+    def fail(x):
+        raise ValueError(f"bad prediction {x}")
+
+    pipeline.submit(fail, 4)
+    with pytest.raises(ValueError, match="bad prediction 4"):
+        pipeline.close()
+    assert done == [0, 1, 2, 3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eomt.data.decode import png_ids, rgb_to_id
 from eomt.metrics.panoptic import (
     PanopticEvaluator,
+    _index_of,
     id_to_rgb,
     pq_compute,
     pq_image_stats,
-    rgb_to_id,
     summarize_pq,
 )
 
@@ -204,6 +206,9 @@ def test_agrees_with_panopticapi_and_with_the_evaluator(tmp_path, seed):
         expected = reference_pq_compute(str(gt_json), str(pred_json))
     ours = pq_compute(gt_json, pred_json, num_workers=1)
     ours_parallel = pq_compute(gt_json, pred_json, num_workers=2)
+    backends = [ours, ours_parallel]
+    if importlib.util.find_spec("hotcoco"):  # the optional extra eomt[metrics]; make test installs it
+        backends.append(pq_compute(gt_json, pred_json, backend="hotcoco"))
 
     evaluator = PanopticEvaluator(num_classes=num_categories, thing_classes=[0, 1, 2])
     for image_id, (gt, gt_segs, pred, pred_segs) in enumerate(cases):
@@ -213,15 +218,16 @@ def test_agrees_with_panopticapi_and_with_the_evaluator(tmp_path, seed):
 
     for group in ("All", "Things", "Stuff"):
         assert expected[group]["n"] > 0
-        for result in (ours, ours_parallel, from_evaluator):
+        for result in (*backends, from_evaluator):
             assert result[group]["n"] == expected[group]["n"]
             for key in ("pq", "sq", "rq"):
                 assert result[group][key] == pytest.approx(expected[group][key], abs=1e-12)
     for i, category_id in enumerate(category_ids):
         for key in ("pq", "sq", "rq"):
-            assert ours["per_class"][category_id][key] == pytest.approx(
-                expected["per_class"][category_id][key]
-            )
+            for result in backends:
+                assert result["per_class"][category_id][key] == pytest.approx(
+                    expected["per_class"][category_id][key]
+                )
             assert from_evaluator["per_class"][i][key] == pytest.approx(
                 expected["per_class"][category_id][key]
             )
@@ -242,3 +248,31 @@ def test_evaluator_counts_an_image_seen_twice_once():
     evaluator.reset()
     evaluator.update([prediction], [{**sample, "image_id": 8}])
     assert evaluator.compute()["num_images"] == 1
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        np.arange(1, 40),  # our predictions: small ids, a direct table
+        np.random.default_rng(0).choice(2**24, 60, replace=False),  # PNG ids: a hash of the low bits
+        np.arange(1, 300) << 16,  # low 16 bits all zero: a hash of the shifted bits
+        np.arange(70_000) * 211 + 5,  # too many ids for a 16-bit table: binary search
+    ],
+    ids=["small", "png", "high-bits", "many"],
+)
+def test_segment_lookup_finds_listed_ids_and_only_them(ids):
+    rng = np.random.default_rng(1)
+    unlisted = np.setdiff1d(rng.integers(0, 2**24, 500), ids)
+    values = np.concatenate([rng.choice(ids, 3000), unlisted, ids[:5]])
+    rng.shuffle(values)
+    position = {int(v): i for i, v in enumerate(ids)}
+    expected = [position.get(int(v), -7) for v in values]
+    assert _index_of(values.astype(np.int32), ids, absent=-7).tolist() == expected
+
+
+def test_png_ids_read_the_rgb_bytes_as_ids(tmp_path):
+    ids = np.array([[0, 1, 255, 256], [65535, 65536, 2**24 - 1, 123456]])
+    Image.fromarray(id_to_rgb(ids)).save(tmp_path / "ids.png")
+    with Image.open(tmp_path / "ids.png") as image:
+        assert png_ids(image).tolist() == ids.tolist()
+        assert png_ids(image.convert("RGBA")).tolist() == ids.tolist()  # other modes: through RGB

@@ -7,12 +7,14 @@ import torch
 
 from eomt.inference.postprocess import (
     instance_masks,
+    instance_masks_letterboxed,
     instance_topk,
     panoptic_keep,
     panoptic_segments,
     semantic_scores,
     thing_mask,
 )
+from eomt.inference.resize import letterbox, unletterbox
 
 BIG = 20.0
 NUM_CLASSES = 3  # 0 thing, 1 stuff, 2 stuff; index 3 = no object
@@ -123,3 +125,39 @@ def test_semantic_scores_sum_sigmoid_masks_times_class_probs():
         for q in range(5):
             expected[b] += classes[b, q].softmax(-1)[:3, None, None] * masks[b, q].sigmoid()
     assert scores.shape == (2, 3, 3, 4) and torch.allclose(scores, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("orig", [(96, 128), (128, 85), (128, 128), (70, 100)])
+def test_instance_masks_upsampled_around_positive_logits_equal_the_dense_path(orig):
+    """Blob-shaped logits: some touch the borders, some lie in the letterbox padding, some are
+    never positive, queries repeat (two classes of one query); (70, 100) is resized, dense."""
+    generator = torch.Generator().manual_seed(sum(orig))
+    num_queries, crop = 24, (128, 128)
+    box = letterbox(torch.zeros((3, *orig), dtype=torch.uint8), crop)
+    h, w = crop[0] // 4, crop[1] // 4
+    ys, xs = torch.arange(h).float()[:, None], torch.arange(w).float()[None]
+    centres = torch.rand(num_queries, 2, generator=generator) * torch.tensor([h + 6.0, w + 6.0]) - 3
+    radius = 1 + 6 * torch.rand(num_queries, 1, 1, generator=generator)
+    distance = (ys - centres[:, :1, None]) ** 2 + (xs - centres[:, 1:, None]) ** 2
+    logits = 4 * (1 - distance / radius**2) + 0.5 * torch.randn(num_queries, h, w, generator=generator)
+    logits[3] = -1.0  # never positive
+    queries = torch.tensor(
+        [0, 1, 2, 3, 4, 5, 1, 6, 7, 8, 9, 0, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 23]
+    )
+    probs = torch.rand(len(queries), generator=generator)
+
+    masks, scores, boxes = instance_masks_letterboxed(logits, queries, probs, box)
+    dense_masks, dense_scores = instance_masks(unletterbox(logits[queries], box), probs)
+    assert masks.shape == (len(queries), *orig) and masks.any()
+    assert torch.equal(masks, dense_masks)
+    torch.testing.assert_close(scores, dense_scores, rtol=1e-6, atol=0)
+    if boxes is None:  # resized: the dense path
+        assert orig == (70, 100)
+    else:  # every True pixel lies in its box
+        for mask, (top, bottom, left, right) in zip(masks, boxes.tolist(), strict=True):
+            assert mask.sum() == mask[top:bottom, left:right].sum()
+    assert (
+        scores[3] == 0
+        and torch.equal(masks[6], masks[1])
+        and scores[6] == pytest.approx(float(scores[1] / probs[1] * probs[6]))
+    )

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from eomt.config import compose
+from eomt.data.decode import rgb_to_id
 from eomt.errors import ConfigError
-from eomt.metrics.panoptic import rgb_to_id
 from eomt.model import build_model
 from eomt.predict import main, parse_args
 

@@ -76,6 +76,14 @@ def read_png(store: Store, name: str) -> np.ndarray:
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic segment ids from an (H, W, 3) PNG: R + 256 G + 256^2 B (0 = void)."""
-    rgb = rgb.astype(np.int32)
+    """COCO panoptic segment ids (H, W) int32 from an (H, W, 3) PNG: R + 256 G + 256^2 B (0 = void)."""
+    rgb = np.asarray(rgb).astype(np.int32)
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def png_ids(image: Image.Image) -> np.ndarray:
+    """`rgb_to_id` of an RGB PIL image, read as R, G, B, pad bytes: one little-endian int32 per pixel."""
+    if image.mode != "RGB":
+        return rgb_to_id(np.asarray(image.convert("RGB")))
+    packed = np.frombuffer(image.tobytes("raw", "RGBX"), dtype="<u4").reshape(image.height, image.width)
+    return (packed & 0xFFFFFF).view(np.int32)

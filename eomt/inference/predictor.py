@@ -15,7 +15,8 @@ The network follows the `eomt.model.EoMT` contract: `model(images float (B,3,H,W
 
 Prediction formats (tensors on the model's device):
 - panoptic: {"id_map": int32 (H,W), 0 = void, "segments": [{"id", "category_id", "isthing", "score"}]}
-- instance: {"masks": bool (K,H,W), "labels": int64 (K,), "scores": float32 (K,)}
+- instance: {"masks": bool (K,H,W), "labels": int64 (K,), "scores": float32 (K,)}, on the CPU also
+  "boxes": int64 (K,4) (top, bottom, left, right; ends exclusive) holding every True pixel
 - semantic: {"semantic": int64 (H,W)}
 """
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from eomt.device import AMP_DTYPES, CPU_PRECISIONS, inference_autocast
 from eomt.inference.postprocess import (
-    instance_masks,
+    instance_masks_letterboxed,
     instance_topk,
     panoptic_keep,
     panoptic_segments,
@@ -183,8 +184,11 @@ class InstancePredictor(LetterboxPredictor):
             predictions = []
             for image_masks, image_classes, box in zip(mask_logits, class_logits, boxes, strict=True):
                 queries, labels, class_probs = instance_topk(image_classes, self.topk)
-                masks, scores = instance_masks(unletterbox(image_masks[queries].float(), box), class_probs)
-                predictions.append({"masks": masks, "labels": labels, "scores": scores})
+                masks, scores, boxes = instance_masks_letterboxed(image_masks, queries, class_probs, box)
+                prediction = {"masks": masks, "labels": labels, "scores": scores}
+                if boxes is not None:  # where each mask's pixels lie: RLE encoding reads only there
+                    prediction["boxes"] = boxes
+                predictions.append(prediction)
             outputs.append(predictions)
         return outputs
 

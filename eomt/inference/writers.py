@@ -87,7 +87,9 @@ def instance_records(
             "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
             "score": float(score),
         }
-        for rle, label, score in zip(encode_masks(prediction["masks"]), labels, scores, strict=True)
+        for rle, label, score in zip(
+            encode_masks(prediction["masks"], prediction.get("boxes")), labels, scores, strict=True
+        )
     ]
 
 
