@@ -517,7 +517,7 @@ def train(run: Run) -> None:
         log.warning("%d steps were skipped for non-finite losses", run.skipped_steps)
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="eomt/conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
