@@ -73,10 +73,6 @@ _WORKER_DIED = "DataLoader worker"  # how PyTorch's errors about dead workers be
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-def _child_exited(signum: int, frame: FrameType | None) -> None:
-    """SIGCHLD once a stop is pending: nothing to do (`next_batches()` notices dead workers)."""
-
-
 class PreemptionHandler:
     """Turns SIGUSR1/SIGUSR2/SIGTERM/SIGINT into a stop at the next step boundary, then a requeue.
 
@@ -160,7 +156,7 @@ class PreemptionHandler:
             current = signal.getsignal(signal.SIGCHLD)
             if callable(current):
                 self._sigchld = current
-                signal.signal(signal.SIGCHLD, _child_exited)
+                signal.signal(signal.SIGCHLD, _ignore)  # `next_batches()` notices dead workers
 
     @property
     def stop_requested(self) -> bool:
@@ -209,8 +205,12 @@ class PreemptionHandler:
 
     def _agree(self, agreed: StopReason) -> None:
         self._agreed = agreed
-        got = signal.Signals(self._received_signal).name if self._received_signal else "another rank's signal"
-        log.warning("stopping at the next checkpoint (%s, %s)", got, agreed.name.lower())
+        log.warning("stopping at the next checkpoint (%s, %s)", self._signal_name(), agreed.name.lower())
+
+    def _signal_name(self) -> str:
+        return (
+            signal.Signals(self._received_signal).name if self._received_signal else "another rank's signal"
+        )
 
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal; call it at each step boundary on every rank."""
@@ -237,14 +237,9 @@ class PreemptionHandler:
             return
         main = distributed.is_main()
         if main:
-            got = (
-                signal.Signals(self._received_signal).name
-                if self._received_signal
-                else "another rank's signal"
-            )
             saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written"
             print(
-                f"stopped by {got}: {saved}; run the same command again to resume from it",
+                f"stopped by {self._signal_name()}: {saved}; run the same command again to resume from it",
                 file=sys.stderr,
                 flush=True,
             )
@@ -280,7 +275,7 @@ def ignore_in_dataloader_worker(worker_id: int) -> None:
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
-    pass
+    """A Python no-op handler (unlike SIG_IGN, a signal already pending when it is set stays harmless)."""
 
 
 def _quiet(handler: Handler) -> Handler:
