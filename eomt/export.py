@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from eomt import api
 from eomt.atomic import atomic_open
-from eomt.checkpointing import resolve_checkpoint
 from eomt.config import compose, split_key_values
 from eomt.errors import ConfigError, require, user_errors
 from eomt.export_metadata import PT2_METADATA_FILE, ExportMetadata
@@ -162,7 +161,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
 def main(argv: Sequence[str] | None = None) -> Path:
     with user_errors():
         own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        checkpoint = resolve_checkpoint(own["checkpoint"])
+        checkpoint = api.resolve_checkpoint(own["checkpoint"])
         overrides = [*overrides, "model.masked_attn=false"]
         cfg = compose(overrides)
         metadata = build_metadata(cfg, checkpoint, own.get("input_dtype", "float32"))
