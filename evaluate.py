@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on the validation split of its dataset.
 
     python evaluate.py experiment=coco_panoptic_vit_l_640 checkpoint=pytorch_model.bin dataset.root=/data/coco
-    python evaluate.py experiment=demo checkpoint=outputs/demo     # a run directory: its newest checkpoint
+    python evaluate.py checkpoint=outputs/demo     # a run directory: its newest checkpoint, its config.yaml's
+        # network, dataset and task (overrides still win); a Transformers folder: its config.json
     python evaluate.py checkpoint=tue-mps/coco_panoptic_eomt_large_640 dataset.root=/data/coco  # a released
         # model (docs/model_zoo.md), fetched through the Hugging Face cache; its preset unless experiment= is given
     python evaluate.py experiment=demo runtime=openvino model_file=demo.onnx eval.cpu_precision=bf16 name=demo_ov
@@ -26,8 +27,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from eomt import distributed, model_zoo
+from eomt import distributed
 from eomt.api import load_model
+from eomt.checkpoint_config import adopt_run_config, checkpoint_overrides, run_config
 from eomt.config import check_config, check_overrides
 from eomt.device import resolve_device
 from eomt.errors import ConfigError, user_errors
@@ -57,7 +59,10 @@ def load_network(cfg: DictConfig, device: torch.device) -> nn.Module:
     return network
 
 
-def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
+def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict:
+    """`overrides`: the command line's; given, a run directory's saved config fills what they leave open."""
+    if cfg.runtime == "torch" and overrides is not None:
+        adopt_run_config(cfg, overrides, cfg.checkpoint)
     check_config(cfg)
     device = resolve_device(cfg.trainer.device)
     distributed.init(device.type)
@@ -83,20 +88,26 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         with user_errors():
-            evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+            hydra_cfg = HydraConfig.get()
+            evaluate_checkpoint(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     finally:
         distributed.cleanup()
 
 
 if __name__ == "__main__":
-    # A released checkpoint's preset is a choice of config groups, so it joins the overrides before Hydra composes.
+    # A released checkpoint's preset and a Transformers config.json are overrides, so they join the command
+    # line before Hydra composes; a run directory's config.yaml is taken after (evaluate_checkpoint), its
+    # name naming the output directory.
     given = sys.argv[1:]
-    sys.argv[1:] = model_zoo.with_preset(given)
-    if added := [o for o in sys.argv[1:] if o not in given]:
-        print(
-            f"released checkpoint: its preset {' '.join(added)} (pass experiment= to choose another)",
-            flush=True,
-        )
     with user_errors():
+        sys.argv[1:] = checkpoint_overrides(given)
+        if added := [o for o in sys.argv[1:] if o not in given]:
+            print(
+                f"the checkpoint's config: {' '.join(added)} (pass experiment= to choose another)", flush=True
+            )
+        checkpoint = next((o.partition("=")[2] for o in given if o.startswith("checkpoint=")), None)
+        saved = run_config(checkpoint)
+        if saved is not None and "name" in saved and not any(o.startswith("name=") for o in given):
+            sys.argv.append(f"name={saved.name}")
         check_overrides(sys.argv[1:], "evaluate")
     main()

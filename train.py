@@ -32,16 +32,18 @@ from tqdm import tqdm
 from eomt import distributed
 from eomt.api import load_model
 from eomt.checkpointing import CheckpointManager, TrainState
+from eomt.compilation import CompileStats, compile_for_training
 from eomt.config import check_config, check_overrides
 from eomt.data import build_dataset
 from eomt.data.collate import collate_train, count_skipped
 from eomt.data.sampler import ResumableSampler, SeededSamples
-from eomt.device import AMP_DTYPES, resolve_device
+from eomt.device import AMP_DTYPES, resolve_device, training_precision
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
 from eomt.preemption import PreemptionHandler, TrainingStopped, ignore_in_dataloader_worker
+from eomt.profiling import LoadMeter, bf16_peak_flops, gflops_per_image, training_mfu
 from eomt.run_info import write_run_info
-from eomt.tb_hparams import hparams_from_overrides, log_hparams
+from eomt.tb_hparams import log_hparams, sweep_hparams
 from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
 
 log = logging.getLogger("eomt.train")
@@ -157,13 +159,13 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> 
 
 
 def wrap_for_training(model: nn.Module, cfg: DictConfig, device: torch.device, world_size: int) -> nn.Module:
-    """What the loop calls forward on: the bare model, compiled, then in DDP (the bare one is saved)."""
-    forward_model = torch.compile(model) if cfg.trainer.compile else model
+    """What the loop calls forward on: the bare model, compiled in place by region, then in DDP (the bare
+    one is saved: no `_orig_mod.` keys)."""
+    if cfg.trainer.compile:
+        compile_for_training(model, **cfg.trainer.compile_options)
     if world_size > 1:
-        forward_model = DistributedDataParallel(
-            forward_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    return forward_model
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
 
 
 @dataclass
@@ -171,7 +173,7 @@ class Run:
     cfg: DictConfig
     run_dir: Path
     device: torch.device
-    precision: str  # bf16 | fp16 | fp32 (always fp32 on CPU)
+    precision: str  # bf16 | fp16 | fp32 (fp16 on CUDA only)
     world_size: int
     data: TrainData
     total_steps: int
@@ -187,6 +189,7 @@ class Run:
     checkpoints: CheckpointManager  # saves and restores model, optimizer, scaler, state on its cadence
     evaluation: Evaluation | None
     hparams: dict[str, Any]  # this run's row in TensorBoard's HParams tab
+    forward_gflops: float | None  # one image's training forward (CUDA only: MFU in the log)
 
     @property
     def main(self) -> bool:
@@ -197,12 +200,19 @@ class Run:
         return AMP_DTYPES[self.precision]
 
 
+def forward_gflops(model: nn.Module, device: torch.device) -> float | None:
+    """GFLOPs of one training forward at the model's input size (for MFU; CUDA only, counted before compiling)."""
+    if device.type != "cuda" or not hasattr(model, "img_size"):
+        return None
+    return gflops_per_image(model, torch.rand(1, 3, *model.img_size, device=device))
+
+
 def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
     """Every part of the run, in the order that matters (see the comments)."""
     check_config(cfg)
     device = resolve_device(cfg.trainer.device)
     env = distributed.init(device.type)
-    precision = cfg.trainer.precision if device.type == "cuda" else "fp32"
+    precision = training_precision(cfg.trainer.precision, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -214,9 +224,12 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample loss points and masks independently
     criterion = instantiate(cfg.loss).to(device)
     optimizer = build_optimizer(cfg, model, device)
+    evaluation = Evaluation.from_config(cfg, device) if cfg.eval.every_epochs else None
+    gflops = forward_gflops(model, device)  # counted before compiling
     if env.world_size > 1:  # the ViT-Adapter baseline has BatchNorm (EoMT has none); params are kept
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    forward_model = wrap_for_training(model, cfg, device, env.world_size)
     state = TrainState()
     sched = cfg.schedule
     return Run(
@@ -229,7 +242,7 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         total_steps=total_steps,
         last_step=min(total_steps, cfg.trainer.max_steps or total_steps),
         model=model,
-        forward_model=wrap_for_training(model, cfg, device, env.world_size),
+        forward_model=forward_model,
         criterion=criterion,
         optimizer=optimizer,
         scaler=scaler,
@@ -252,12 +265,13 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
             parts={"model": model, "optimizer": optimizer, "scaler": scaler},
             config=OmegaConf.to_container(cfg, resolve=True),
         ),
-        evaluation=Evaluation.from_config(cfg, device) if cfg.eval.every_epochs else None,
+        evaluation=evaluation,
         hparams={
             "variant": cfg.get("variant") or "-",
             "model": cfg.model.name,
-            **hparams_from_overrides(overrides),
+            **sweep_hparams(cfg, overrides),  # what the sweep varies, config groups as the keys they change
         },
+        forward_gflops=gflops,
     )
 
 
@@ -329,6 +343,11 @@ class TrainLog:
         self.run = run
         self.writer = writer
         self.every = run.cfg.trainer.log_every_steps
+        self.first_step = start_step + 1  # this process's first step: it compiles
+        self.compile_stats = CompileStats() if run.cfg.trainer.compile else None
+        self.peak_flops = (
+            bf16_peak_flops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None
+        )
         self._reset(start_step)
 
     def _reset(self, step: int) -> None:
@@ -336,6 +355,7 @@ class TrainLog:
         self.sum: Tensor | None = None
         self.finite_steps = 0  # steps whose terms are in `sum` (skipped ones are not)
         self.since_step, self.since = step, time.perf_counter()
+        self.load = LoadMeter()  # was the speed measured alone? (other processes' share of our CPUs)
 
     def maybe_log(self, step: int, terms: dict[str, Tensor] | None) -> None:
         """`step` steps are done; `terms` are the last one's (None: it was skipped)."""
@@ -345,6 +365,8 @@ class TrainLog:
             values = torch.stack([v.reshape(()) for v in terms.values()])
             self.names, self.sum = list(terms), values if self.sum is None else self.sum + values
             self.finite_steps += 1
+        if step == self.first_step:
+            self._log_first_step(step)
         if step % self.every and step != 1:
             return
         run, writer = self.run, self.writer
@@ -362,20 +384,60 @@ class TrainLog:
         elapsed = max(time.perf_counter() - self.since, 1e-9)
         images_per_s = self.finite_steps * run.cfg.trainer.batch_size / elapsed
         writer.add_scalar("perf/images_per_s", images_per_s, step)
+        mfu = ""
+        load = self.load.conditions()
+        if load["other_load"] is not None:
+            writer.add_scalar("perf/other_load", load["other_load"], step)
+        loaded = (
+            f" (under load: others used {load['other_load']:.0%} of the CPUs)" if load["under_load"] else ""
+        )
         if run.device.type == "cuda":
             writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
+            if self.peak_flops and run.forward_gflops:
+                value = training_mfu(run.forward_gflops, images_per_s, self.peak_flops)
+                writer.add_scalar("perf/mfu", value, step)
+                mfu = f" (MFU {value:.1%})"
         eta = (run.last_step - step) * elapsed / max(step - self.since_step, 1)
         loss = f"{means['loss']:.4f}" if "loss" in means else "- (non-finite)"
         log.info(
-            "step %d/%d  loss %s  lr %.3g  %.1f images/s  ETA %s",
+            "step %d/%d  loss %s  lr %.3g  %.1f images/s%s%s  ETA %s",
             step,
             run.last_step,
             loss,
             max(lrs.values()),
             images_per_s,
+            mfu,
+            loaded,
             _duration(eta),
         )
         self._reset(step)
+
+    def _log_first_step(self, step: int) -> None:
+        """The first step's time, and what compiling it took."""
+        seconds = time.perf_counter() - self.since
+        self.writer.add_scalar("perf/first_step_s", seconds, step)
+        if self.compile_stats is None:
+            log.info("step %d took %.1f s", step, seconds)
+            return
+        summary = self.compile_stats.summary()
+        self.writer.add_scalar("compile/first_step_compile_s", summary.seconds, step)
+        log.info("step %d took %.1f s; %s", step, seconds, summary.line())
+
+    def close(self, step: int) -> None:
+        """At the end of the run: everything Dynamo compiled, and any function that hit the recompile limit."""
+        if self.writer is None or self.compile_stats is None:
+            return
+        summary = self.compile_stats.summary()
+        self.writer.add_scalar("compile/graphs", summary.graphs, step)
+        self.writer.add_scalar("compile/recompiles", summary.recompiles, step)
+        log.info("%s over the run", summary.line())
+        for name in summary.at_limit:
+            log.warning(
+                "torch.compile: %s reached the recompile limit (%d) and runs eagerly from then on; run with "
+                "TORCH_LOGS=recompiles to see why it recompiles",
+                name,
+                torch._dynamo.config.recompile_limit,
+            )
 
 
 def _duration(seconds: float) -> str:
@@ -438,7 +500,8 @@ def train(run: Run) -> None:
     preemption = PreemptionHandler()
     preemption.install()
     # Steps after the checkpoint that an interrupted run logged are dropped: logging restarts at start + 1.
-    writer = SummaryWriter(run.run_dir / "tb", purge_step=start + 1) if run.main else None
+    # events in the run directory itself: TensorBoard names the run after it (no "/tb" suffix)
+    writer = SummaryWriter(run.run_dir, purge_step=start + 1) if run.main else None
     train_log = TrainLog(run, writer, start)
     progress = tqdm(
         total=run.last_step, initial=start, disable=not run.main, desc="train", dynamic_ncols=True
@@ -467,6 +530,7 @@ def train(run: Run) -> None:
                     record = validate(run, done, writer)
         distributed.check_replicas(run.model)  # logs whether every rank ends with the same weights
         log_hparams_row(run, writer, record, run.last_step)
+        train_log.close(run.last_step)
     except TrainingStopped:
         checkpoint = run.checkpoints.save_training_state(state.step)
         log.info("preemption signal: checkpoint written at step %d, exiting", state.step)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eomt.compilation import compile_for_inference
 from eomt.config import compose
 from eomt.device import AMP_DTYPES
 from eomt.errors import user_errors
@@ -136,7 +137,9 @@ def build_runtimes(args, cfg, model: nn.Module, folder: Path) -> dict[str, Calla
         if name == "torch":
             runtimes[label] = under_autocast(model, device, dtype)
         elif name == "torch-compile":
-            runtimes[label] = under_autocast(torch.compile(model, mode=args.compile_mode), device, dtype)
+            runtimes[label] = under_autocast(
+                compile_for_inference(model, mode=args.compile_mode), device, dtype
+            )
         elif name == "onnxruntime":
             for level in args.ort_opt.split(","):
                 runtimes[f"onnxruntime[{level}]"] = OnnxRuntimeNetwork(

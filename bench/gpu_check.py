@@ -9,7 +9,8 @@ and <out>/gpu_check.md (the summary). A step that fails or times out is reported
 
 - forward, batch 1, 640 px, bf16: ViT-L and ViT-S, eager and compiled, masked attention off and on, and
   ViT-L with `mode=max-autotune` (CUDA graphs): images/s, GFLOPs, peak memory;
-- a training step, ViT-L 640 bf16, compile off and on side by side: images/s, peak memory;
+- a training step, ViT-L 640 bf16, eager and compiled (regional) side by side, masked attention mid-annealing
+  and off: images/s, peak memory, first-step compile time, graphs, recompilations and graph breaks;
 - `experiment=demo` trained end to end on the GPU (bf16, compiled) and its PQ;
 - `pytest -m gpu`.
 """
@@ -82,8 +83,8 @@ def plan(out: Path, python: str) -> list[Step]:
             "train step vit_l compile off/on",
             "train_step",
             [python, "bench/train_step.py", "model=vit_l", "dataset.crop_size=[640,640]", "--device", "cuda"]
-            + ["--dtype", "bf16", "--batch", "4", "--steps", "10", "--warmup", "3", "--compile", "both"]
-            + ["--json", str(train_json)],
+            + ["--dtype", "bf16", "--masked", "annealing,off", "--runtime", "eager,compiled", "--batch", "4"]
+            + ["--steps", "5", "--rounds", "2", "--warmup", "2", "--json", str(train_json)],
             240,
             str(train_json),
         )
@@ -194,12 +195,15 @@ def summary_markdown(report: dict) -> str:
             lines += [
                 "## Training step, ViT-L 640, bf16",
                 "",
-                "| compile | batch | images/s | peak memory (GiB) |",
-                "|---|---|---|---|",
+                "| runtime | masked | batch | images/s | ratio | peak memory (GiB) | first step (s) | graphs | "
+                "recompiles | graph breaks |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in s["result"]:
                 lines.append(
-                    f"| {'on' if r['compile'] else 'off'} | {r['batch']} | {_fmt(r['images_per_s'], '.2f')} | {_fmt(r['peak_memory_gib'], '.2f')} |"
+                    f"| {r['runtime']} | {r['masked']} | {r['batch']} | {_fmt(r['images_per_s'], '.2f')} | "
+                    f"{_fmt(r['ratio'], '.2f')}x | {_fmt(r['peak_memory_gib'], '.2f')} | {_fmt(r['first_step_s'])} | "
+                    f"{r['graphs']} | {r['recompiles']} | {r['graph_breaks']} |"
                 )
             lines.append("")
         if s["kind"] == "demo" and s["status"] == "ok":

@@ -2,6 +2,8 @@
 
 net = eomt.api.load(["model=vit_l", "dataset=coco"], checkpoint="pytorch_model.bin")
 net = eomt.api.load(checkpoint="tue-mps/coco_panoptic_eomt_large_640")  # a released model and its preset
+net = eomt.api.load(checkpoint="outputs/demo")  # a run directory: the network of its config.yaml
+net = eomt.api.load(checkpoint="hf_folder")  # a Transformers save_pretrained folder: its config.json
 """
 
 from collections.abc import Sequence
@@ -11,20 +13,21 @@ from omegaconf import DictConfig
 from torch import nn
 
 from eomt import model_zoo
+from eomt.checkpoint_config import compose_for
 from eomt.checkpointing import CheckpointManager
-from eomt.config import compose
 from eomt.errors import CheckpointError
 from eomt.model import build_model, load_checkpoint, read_checkpoint
 
 
 def load(overrides: Sequence[str] = (), checkpoint: str | Path | None = None) -> nn.Module:
-    """The network of the composed config (default model vit_l, dataset coco; a released checkpoint's
-    preset where no experiment is given) in eval mode.
+    """The network of the composed config in eval mode: default model vit_l, dataset coco, unless the
+    checkpoint brings its own (a released name's preset, a run directory's config.yaml, a Transformers
+    config.json; eomt.checkpoint_config), which `overrides` still override.
 
     With a checkpoint the backbone's pretrained weights are not fetched, except for the DINOv3 delta
     checkpoints that are stored relative to them.
     """
-    return load_model(compose(model_zoo.with_preset(overrides, checkpoint)).model, checkpoint)
+    return load_model(compose_for(overrides, checkpoint).model, checkpoint)
 
 
 def load_model(

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from eomt import distributed
-from eomt.atomic import atomic_open
-from eomt.errors import CheckpointError, ConfigError
+from eomt.atomic import atomic_open, disk_full_as_one_line
+from eomt.errors import CheckpointError, ConfigError, DiskFullError
 from eomt.model.weight_formats import load_weights_only
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,22 @@ log = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over `path`."""
-    with atomic_open(path, "wb") as f:
+def atomic_save(obj: Any, path: str | Path, note: str = "") -> None:
+    """torch.save to a temp file in the same folder, then rename over `path`. A full disk: one
+    DiskFullError naming the folder and the checkpoint's size, with `note` added."""
+    with disk_full_as_one_line(path, tensor_bytes(obj), note), atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a nested state (about the size torch.save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def rng_state() -> dict[str, Any]:
@@ -142,7 +154,13 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.folder / self.file_name(step)
-        atomic_save(state, path)
+        latest = self.latest()
+        resume = (
+            f"; the run resumes from step {int(_STEP_FILE.match(latest.name).group(1))} ({latest.name})"
+            if latest
+            else "; the run starts again from step 0"
+        )
+        atomic_save(state, path, note=resume)
         for old in self.checkpoints()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return path
@@ -194,9 +212,17 @@ class CheckpointManager:
         state.update(self.train_state.state_dict())
         state["rng"] = distributed.all_gather_object(rng_state())
         state["config"] = self.config
-        path = self.save(state, step) if distributed.is_main() else None
+        path, disk_full = None, None
+        if distributed.is_main():
+            try:
+                path = self.save(state, step)
+            except DiskFullError as e:  # every rank stops with the same line, none waits for the others
+                disk_full = str(e)
         distributed.barrier()
-        self._saved = (step, Path(distributed.broadcast_object(path)))
+        path, disk_full = distributed.broadcast_object((path, disk_full))
+        if disk_full is not None:
+            raise DiskFullError(disk_full)
+        self._saved = (step, Path(path))
         return self._saved[1]
 
     def restore_training_state(self) -> Path | None:

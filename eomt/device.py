@@ -41,6 +41,21 @@ def cpu_has_native_bf16() -> bool | None:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def training_precision(precision: str, device: torch.device) -> str:
+    """`trainer.precision` on `device`: any on CUDA; fp32 or bf16 on the CPU (bf16 warns where the CPU has
+    no native bf16: emulated, it is slower than fp32); fp16 needs CUDA's GradScaler path."""
+    if precision not in AMP_DTYPES:
+        raise ConfigError(f"trainer.precision={precision} is not one of {'|'.join(AMP_DTYPES)}")
+    if device.type == "cpu" and precision == "fp16":
+        raise ConfigError("trainer.precision=fp16 trains on CUDA only; on the CPU use bf16 or fp32")
+    if device.type == "cpu" and precision == "bf16" and cpu_has_native_bf16() is False:
+        _warn_once(
+            "trainer.precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and slower "
+            "than fp32 (trainer.precision=fp32)"
+        )
+    return precision
+
+
 def inference_autocast(
     device: torch.device, precision: str = "fp32", cpu_precision: str = "fp32"
 ) -> contextlib.AbstractContextManager:

@@ -28,6 +28,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the network."""
 
 
+class DiskFullError(UserError):
+    """A file that could not be written because its device is full (or the quota is used up)."""
+
+
 class MissingPackage(ConfigError):
     """An optional package (group `export` in pyproject.toml) is not installed."""
 
@@ -58,8 +62,18 @@ def user_errors() -> Iterator[None]:
         cause = user_error_in(e)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(cause)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker ("Caught X in DataLoader worker
+    process 0. Original Traceback ..."), the original message at its end."""
+    message = str(error)
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.partition(f"{type(error).__name__}: ")[2] or last
 
 
 def user_error_in(error: BaseException) -> BaseException | None:

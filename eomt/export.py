@@ -31,8 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from eomt import api
-from eomt.atomic import atomic_open
-from eomt.config import compose, split_key_values
+from eomt.atomic import atomic_open, disk_full_as_one_line
+from eomt.checkpoint_config import compose_for, training_config
+from eomt.checkpointing import tensor_bytes
+from eomt.config import split_key_values
 from eomt.errors import ConfigError, require, user_errors
 from eomt.export_metadata import PT2_METADATA_FILE, ExportMetadata
 from eomt.model.size import as_pair
@@ -46,18 +48,6 @@ USAGE = (
 
 def config_hash(config: Mapping) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def training_config(checkpoint: Path) -> dict | None:
-    """The resolved config a checkpoint of ours carries (None for the release's and Transformers' files)."""
-    if not checkpoint.is_file():
-        return None
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # safetensors and other formats that carry no config
-        return None
-    config = obj.get("config") if isinstance(obj, Mapping) else None
-    return config if isinstance(config, Mapping) else None
 
 
 def build_metadata(cfg: DictConfig, checkpoint: Path | None, input_dtype: str) -> ExportMetadata:
@@ -101,6 +91,11 @@ def _example_input(network: nn.Module, metadata: ExportMetadata) -> tuple[Tensor
     return images, {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
 
 
+def _weight_bytes(network: nn.Module) -> int:
+    """About the size of an exported file: its weights."""
+    return tensor_bytes(network.state_dict())
+
+
 def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) -> None:
     require("onnxscript", "ONNX export")
     require("onnx", "ONNX export")
@@ -118,7 +113,10 @@ def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) 
     # Written in a temporary folder first; weights over 2 GB go to an external `<name>.data` file next to it,
     # moved into place before the .onnx that names it.
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    with (
+        disk_full_as_one_line(out, _weight_bytes(network)),
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp,
+    ):
         program.save(Path(tmp) / out.name)
         files = sorted(Path(tmp).iterdir(), key=lambda p: p.name == out.name)
         for file in files:
@@ -128,7 +126,7 @@ def export_onnx(network: InferenceNetwork, metadata: ExportMetadata, out: Path) 
 def export_pt2(network: InferenceNetwork, metadata: ExportMetadata, out: Path) -> None:
     images, dynamic = _example_input(network, metadata)
     program = torch.export.export(network, (images,), dynamic_shapes=dynamic)
-    with atomic_open(out, "wb") as f:
+    with atomic_open(out, "wb", size=_weight_bytes(network)) as f:
         torch.export.save(program, f, extra_files={PT2_METADATA_FILE: json.dumps(asdict(metadata))})
 
 
@@ -163,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         checkpoint = api.resolve_checkpoint(own["checkpoint"])
         overrides = [*overrides, "model.masked_attn=false"]
-        cfg = compose(overrides)
+        cfg = compose_for(overrides, own["checkpoint"])  # a run directory's or Transformers' own config
         metadata = build_metadata(cfg, checkpoint, own.get("input_dtype", "float32"))
         model = api.load_model(cfg.model, checkpoint)
         out = export(model, metadata, own["out"], own.get("format"))

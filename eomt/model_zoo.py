@@ -141,6 +141,19 @@ def check_fits(checkpoint: str | Path, model_cfg: DictConfig, skip_class_head: b
         )
 
 
+def download_file(checkpoint: str | Path, filename: str) -> Path | None:
+    """One more file of a hub checkpoint's repo (e.g. config.json), through the Hugging Face cache;
+    None when the repo has none, or the cache has none and the hub cannot be reached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo_id, revision = hub_repo(checkpoint)
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
 def download(checkpoint: str | Path) -> Path:
     """The local path of a hub checkpoint's weights, downloaded into the Hugging Face cache if needed."""
     from huggingface_hub import constants, hf_hub_download

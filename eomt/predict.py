@@ -6,7 +6,9 @@
 `checkpoint`, `input` and `output` (and optionally `device=auto|cpu|cuda`, `batch_size=1`, `compile=true`
 to torch.compile the network) are this command's own arguments; every other argument is a Hydra override
 of the training config (conf/train.yaml), which picks the network, the class names and the task's
-post-processing (`eval.predictor.<task>`, e.g. `eval.predictor.panoptic.score_threshold=0.5`).
+post-processing (`eval.predictor.<task>`, e.g. `eval.predictor.panoptic.score_threshold=0.5`). A run
+directory (or a checkpoint in one), a Transformers folder and a released name bring their own network
+and classes (eomt.checkpoint_config); overrides still win.
 
 `runtime=onnxruntime|openvino|torch-export` runs a file written by `python -m eomt.export` (`model_file=`, no
 checkpoint) through the same pre- and post-processing: the file's metadata gives the task and the classes
@@ -37,8 +39,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from eomt import api, model_zoo
+from eomt import api
 from eomt.atomic import write_json
+from eomt.checkpoint_config import compose_for
+from eomt.compilation import compile_for_inference
 from eomt.config import check_config, compose, split_key_values
 from eomt.device import resolve_device
 from eomt.errors import ConfigError, DataError, user_errors
@@ -134,7 +138,7 @@ def load_network(
     in the task and classes (and is checked against `dataset=`/`task=` overrides when given).
     """
     if args.runtime == "torch":
-        cfg = compose(model_zoo.with_preset(overrides, args.checkpoint))  # a released name brings its preset
+        cfg = compose_for(overrides, args.checkpoint)  # a release's preset, a run's or Transformers' config
         check_config(cfg)
         return api.load_model(cfg.model, args.checkpoint).to(device), cfg
     cfg = compose(overrides)
@@ -170,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     device = resolve_device(args.device)
     model, cfg = load_network(args, overrides, device)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_for_inference(model)
     task = cfg.task.name
     class_names = list(cfg.dataset.class_names or (str(i) for i in range(cfg.dataset.num_classes)))
     thing_classes = set(cfg.dataset.thing_classes)

@@ -3,6 +3,10 @@
 Every painter returns uint8 (3,H,W) numpy arrays, ready for TensorBoard's `add_image` or, after
 `.transpose(1, 2, 0)`, for PIL. `OverlayCollector` is an evaluation callback that keeps the first
 N images as [prediction | ground truth] pairs.
+
+Every segment is named: its label goes inside it (at least half of the label's box on the segment,
+the smallest segments placed first, no label over another); a segment with no such place is listed
+in a legend under the picture, with its colour, as too small to label in place.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-MIN_LABELLED_PIXELS = 64  # segments smaller than this (at the drawn size) get no text
+MIN_INSIDE = 0.5  # share of a label's box that must lie on its segment
 MIN_SIDE = 256  # smaller images are enlarged (whole pixel multiples) so that labels stay legible
 
 
@@ -40,11 +44,63 @@ def _instance_color(base: np.ndarray, index: int) -> np.ndarray:
     return np.clip(base.astype(np.float32) * factor + 30 * (1 - factor), 0, 255).astype(np.uint8)
 
 
-def _label_position(mask: np.ndarray) -> tuple[int, int]:
-    """A pixel of the mask near its centroid (the centroid itself may lie outside)."""
-    ys, xs = np.nonzero(mask)
-    nearest = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-    return int(xs[nearest]), int(ys[nearest])
+def _box_sums(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H-height+1, W-width+1): how many pixels of `mask` each box of that size (by its top left) covers."""
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return (
+        integral[height:, width:]
+        - integral[:-height, width:]
+        - integral[height:, :-width]
+        + integral[:-height, :-width]
+    )
+
+
+def place_label(
+    mask: np.ndarray, occupied: np.ndarray, size: tuple[int, int], min_inside: float = MIN_INSIDE
+) -> tuple[int, int] | None:
+    """Top left (x, y) of a `size` (width, height) box on `mask`, clear of `occupied`, as close to the
+    mask's centre as it can be, with at least `min_inside` of it on the mask; None where none is."""
+    width, height = size
+    img_h, img_w = mask.shape
+    if width > img_w or height > img_h or not mask.any():
+        return None
+    on_mask = _box_sums(mask, height, width)
+    clear = _box_sums(occupied, height, width) == 0
+    for need in (1.0, min_inside):  # wholly on the segment if it can be, else partly
+        ys, xs = np.nonzero(clear & (on_mask >= need * width * height))
+        if len(ys):
+            my, mx = np.nonzero(mask)
+            centre_y, centre_x = my.mean() - height / 2, mx.mean() - width / 2
+            best = np.argmin((ys - centre_y) ** 2 + (xs - centre_x) ** 2)
+            return int(xs[best]), int(ys[best])
+    return None
+
+
+LEGEND_TITLE = "too small to label in place:"
+
+
+def layout_labels(
+    regions: Sequence[tuple[np.ndarray, np.ndarray, str]], draw: ImageDraw.ImageDraw, font
+) -> tuple[list[tuple[int, int, tuple[int, int], str, int, int]], list[tuple[np.ndarray, str]]]:
+    """Where each region's text goes: ([(x, y, (width, height), text, text left, text top)], [(colour,
+    text)] of the regions that get no place), smallest regions first, no two boxes touching."""
+    height, width = regions[0][0].shape if regions else (0, 0)
+    occupied = np.zeros((height, width), dtype=bool)
+    placed, unlabelled = [], []
+    for index in sorted(range(len(regions)), key=lambda i: int(regions[i][0].sum())):
+        mask, color, text = regions[index]
+        if not text or not mask.any():
+            continue
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font, anchor="lt")
+        size = (right - left + 2, bottom - top + 2)  # the text on a 1-pixel black frame
+        spot = place_label(mask, occupied, size)
+        if spot is None:
+            unlabelled.append((color, text))
+            continue
+        x, y = spot
+        placed.append((x, y, size, text, left, top))
+        occupied[max(0, y - 1) : y + size[1] + 1, max(0, x - 1) : x + size[0] + 1] = True
+    return placed, unlabelled
 
 
 def paint(
@@ -53,8 +109,9 @@ def paint(
     alpha: float = 0.55,
 ) -> np.ndarray:
     """Blend (mask (H,W) bool, colour (3,) uint8, text) regions over a uint8 (3,H,W) image, draw
-    their outlines, and write each text at its region. An image with a side under `MIN_SIDE` is
-    drawn enlarged by a whole factor (pixels repeated), so the text does not cover it."""
+    their outlines, and write each text on its region (`layout_labels`), or, where a region has no
+    room for it, in a legend band under the picture. An image with a side under `MIN_SIDE` is drawn
+    enlarged by a whole factor (pixels repeated), so the text does not cover it."""
     image = _numpy(image)
     factor = upscale_factor(*image.shape[-2:])
     if factor > 1:
@@ -71,13 +128,48 @@ def paint(
     result = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(result)
     font = ImageFont.load_default()
-    for mask, _, text in regions:
-        if text and mask.sum() >= MIN_LABELLED_PIXELS:
-            x, y = _label_position(mask)
-            left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm")
-            draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
-            draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
-    return np.asarray(result).transpose(2, 0, 1).copy()
+    placed, unlabelled = layout_labels(regions, draw, font)
+    for x, y, size, text, left, top in placed:
+        draw.rectangle((x, y, x + size[0] - 1, y + size[1] - 1), fill=(0, 0, 0))
+        draw.text((x + 1 - left, y + 1 - top), text, fill=(255, 255, 255), font=font, anchor="lt")
+    picture = np.asarray(result).transpose(2, 0, 1)
+    if unlabelled:
+        picture = np.concatenate([picture, _legend(unlabelled, picture.shape[2])], axis=1)
+    return picture.copy()
+
+
+def _legend(entries: Sequence[tuple[np.ndarray, str]], width: int) -> np.ndarray:
+    """A white band: LEGEND_TITLE, then a colour swatch and the name of each segment (repeats counted)."""
+    counts: dict[str, list] = {}
+    for color, text in entries:
+        counts.setdefault(text, [color, 0])[1] += 1
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = 14
+    items = [(LEGEND_TITLE, None)] + [
+        (f"{text} x{n}" if n > 1 else text, color) for text, (color, n) in counts.items()
+    ]
+    rows: list[list[tuple[int, str, np.ndarray | None]]] = [[]]
+    x = 4
+    for text, color in items:
+        item_width = int(probe.textlength(text, font=font)) + (14 if color is not None else 0) + 10
+        if rows[-1] and x + item_width > width:
+            rows.append([])
+            x = 4
+        rows[-1].append((x, text, color))
+        x += item_width
+    band = Image.new("RGB", (width, line_height * len(rows) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    for r, row in enumerate(rows):
+        y = 2 + r * line_height
+        for x, text, color in row:
+            if color is not None:
+                draw.rectangle(
+                    (x, y + 2, x + 9, y + 11), fill=tuple(int(c) for c in color), outline=(0, 0, 0)
+                )
+                x += 14
+            draw.text((x, y + line_height // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(band).transpose(2, 0, 1)
 
 
 def upscale_factor(height: int, width: int) -> int:
@@ -192,7 +284,11 @@ def overlay_prediction(
     predicted, truth = PAIR_PAINTERS[task](image, prediction, sample or {}, class_names)
     if truth is None:
         return predicted
-    gap = np.full((3, predicted.shape[1] + TITLE_HEIGHT, 4), 255, dtype=np.uint8)
+    height = max(predicted.shape[1], truth.shape[1])  # a legend under one of them makes it taller
+    predicted, truth = (
+        np.pad(p, ((0, 0), (0, height - p.shape[1]), (0, 0)), constant_values=255) for p in (predicted, truth)
+    )
+    gap = np.full((3, height + TITLE_HEIGHT, 4), 255, dtype=np.uint8)
     return np.concatenate([_titled(predicted, "prediction"), gap, _titled(truth, "ground truth")], axis=2)
 
 

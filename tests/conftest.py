@@ -73,5 +73,5 @@ def logged(run_dir, tag: str = "train/loss") -> dict[int, float]:
     """step -> value of a TensorBoard scalar the run wrote (a resumed run's purge applied)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    events = EventAccumulator(str(run_dir)).Reload()
     return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}

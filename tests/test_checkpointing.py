@@ -1,12 +1,16 @@
+import errno
 import logging
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from eomt.atomic import write_json
 from eomt.checkpointing import CheckpointManager, TrainState, atomic_save, rng_state, set_rng_state
-from eomt.errors import CheckpointError
+from eomt.errors import CheckpointError, DiskFullError, user_errors
 
 
 def test_keeps_last_k_and_finds_latest(tmp_path):
@@ -154,11 +158,61 @@ def test_the_manager_saves_on_its_cadence_and_each_step_once(tmp_path, monkeypat
         state.step = step
         manager.maybe_save(step, last=step == 7)
     assert writes == [3, 6, 7]  # every 3 steps and the last
-    assert manager.save_training_state(7) == tmp_path / "step_00000007.pt" and writes == [
-        3,
-        6,
-        7,
-    ]  # saved already
+    assert manager.save_training_state(7) == tmp_path / "step_00000007.pt"
+    assert writes == [3, 6, 7]  # step 7 is saved already: not written again
     assert torch.load(manager.latest(), weights_only=True)["step"] == 7
     assert CheckpointManager(tmp_path, train_state=TrainState()).restore_training_state() == manager.latest()
     assert CheckpointManager(tmp_path / "empty", train_state=TrainState()).restore_training_state() is None
+
+
+class _FullDisk:
+    """os.fdopen whose files take `room` bytes, then fail as a full disk does (ENOSPC)."""
+
+    def __init__(self, room: int):
+        self.room = room
+        self.real_fdopen = os.fdopen
+
+    def __call__(self, fd, mode="r", *args, **kwargs):
+        file = self.real_fdopen(fd, mode, *args, **kwargs)
+        real_write, disk = file.write, self
+
+        def write(data):
+            if len(data) > disk.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            disk.room -= len(data)
+            return real_write(data)
+
+        file.write = write
+        return file
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(tmp_path, monkeypatch, capsys):
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    state = {"model": {"w": torch.arange(250_000, dtype=torch.float32)}, "step": 2}
+    manager.save(state, 2)
+    monkeypatch.setattr(os, "fdopen", _FullDisk(room=10_000))
+    with pytest.raises(SystemExit), user_errors():
+        manager.save({**state, "step": 4}, 4)
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "Traceback" not in message
+    assert f"no space left on the device of {tmp_path / 'checkpoints'}" in message
+    assert "step_00000004.pt (1.0 MB)" in message and "resumes from step 2 (step_00000002.pt)" in message
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002.pt"]  # no temp file
+    assert manager.load_latest()[1]["step"] == 2
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "overlays/1.png"])
+def test_full_disk_during_metrics_or_overlays_is_one_error(tmp_path, monkeypatch, name):
+    from eomt.inference.writers import write_png
+
+    (tmp_path / "overlays").mkdir()
+    monkeypatch.setattr(os, "fdopen", _FullDisk(room=0))
+    with pytest.raises(DiskFullError) as error:
+        if name.endswith(".json"):
+            write_json(tmp_path / name, {"pq": 60.57})
+        else:
+            write_png(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
+    assert f"device of {(tmp_path / name).parent}: could not write {Path(name).name} (" in str(error.value)
+    monkeypatch.undo()
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))

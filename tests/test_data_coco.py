@@ -274,3 +274,72 @@ def test_index_is_built_without_decoding_images(copy):
     with pytest.warns(CorruptSampleWarning), pytest.raises(RuntimeError, match="every one of the 3 samples"):
         dataset[0]
     assert dataset.skipped == 3
+
+
+def test_generated_coco_categories_read_with_the_coco_config(tmp_path, caplog):
+    """`python -m eomt.data.synthetic --layout coco` writes COCO's own categories: dataset=coco reads it."""
+    from eomt.config import compose
+    from eomt.data.synthetic import main
+
+    main(["--layout", "coco", "--out", str(tmp_path), "--train", "6", "--val", "2", "--size", "40x56"])
+    coco = compose(["dataset=coco"]).dataset
+    with caplog.at_level("INFO"):
+        dataset = CocoPanoptic(tmp_path, "train", class_names=list(coco.class_names), skip_empty=True)
+    assert dataset.thing_classes == list(coco.thing_classes)
+    scene_classes = {
+        coco.class_names.index(n) for n in ("sports ball", "tv", "kite", "sky-other-merged", "dirt-merged")
+    }
+    labels = {int(label) for i in range(len(dataset)) for label in dataset[i]["labels"]}
+    assert labels and labels <= scene_classes
+    assert f"COCO panoptic in {tmp_path}: left out" in caplog.text  # names the data it reads
+    instances = CocoInstance(
+        tmp_path, "val", class_names=list(compose(["dataset=coco", "task=instance"]).dataset.class_names)
+    )
+    assert len(instances) == 2
+
+
+def _enlarge_first_image(copy) -> str:
+    """The first training image replaced by a PNG of 4x its pixels under its .jpg name."""
+    name = f"train2017/{CocoPanoptic(copy, 'train')[0]['file_name']}"
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE[1] * 2, SIZE[0] * 2)).save(buffer, format="PNG")
+    _rewrite(copy / "train2017.zip", name, buffer.getvalue())
+    return name
+
+
+def test_image_over_the_pixel_limit_is_skipped_or_one_line(copy, capsys):
+    from eomt.config import compose
+    from eomt.data import build_dataset
+    from eomt.errors import DataError, user_errors
+
+    name = _enlarge_first_image(copy)
+    limit = SIZE[0] * SIZE[1] + 1  # the others are below it; the large one is over twice it
+    dataset = CocoPanoptic(copy, "train")
+    dataset.max_image_pixels = limit
+    second = dataset[1]
+    with pytest.warns(
+        CorruptSampleWarning, match=f"{name}.*DecompressionBombError.*dataset.max_image_pixels"
+    ):
+        sample = dataset[0]
+    assert sample["skipped"] == 1 and sample["image_id"] == second["image_id"]
+    assert Image.MAX_IMAGE_PIXELS != limit  # set only while the dataset reads
+
+    cfg = compose(["dataset=synthetic", "dataset.on_corrupt=raise", f"dataset.max_image_pixels={limit}"])
+    cfg.dataset.panoptic.dataset = {
+        "_target_": "eomt.data.CocoPanoptic",
+        "root": str(copy),
+        "on_corrupt": "raise",
+    }
+    strict = build_dataset(cfg.dataset, "panoptic", "train", train=False)
+    loader = DataLoader(strict, batch_size=1, num_workers=1, collate_fn=lambda batch: batch)
+    with pytest.raises(SystemExit), user_errors():
+        next(iter(loader))  # raised in a worker: still one line
+    message = capsys.readouterr().err
+    assert (
+        message.count("\n") == 1 and message.startswith(f"error: {name} in") and "max_image_pixels" in message
+    )
+
+    cfg.dataset.max_image_pixels = 4 * limit  # a very large legitimate image: raise the limit
+    raised = build_dataset(cfg.dataset, "panoptic", "train", train=False)
+    with pytest.raises(DataError, match="sizes disagree .* image \\(80, 112\\)"):  # decoded this time
+        raised[0]

@@ -70,6 +70,8 @@ def test_every_dataset_and_task_evaluates(tmp_path_factory, dataset, task):
     headline = HEADLINE[task]
     assert 0.0 <= record["metrics"][headline] <= 100.0
     assert record["task"] == task and record["gflops"] > 0 and record["fps"] > 0
+    assert record["fps_device"] == "cpu" and isinstance(record["fps_under_load"], bool)  # timed alone?
+    assert 0.0 <= record["fps_other_load"] <= 1.0 and 0.0 <= record["fps_idle"] <= 1.0
     assert len(list((out / "overlays").glob("*.png"))) == 2
     predictions = out / "predictions"
     expected = {"panoptic": "panoptic.json", "instance": "instances.json", "semantic": "semantic"}[task]

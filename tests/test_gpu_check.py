@@ -97,8 +97,22 @@ def _report() -> dict:
             status="ok",
             seconds=90,
             result=[
-                {"compile": False, "batch": 4, "images_per_s": 10.0, "peak_memory_gib": 30.0},
-                {"compile": True, "batch": 4, "images_per_s": 14.0, "peak_memory_gib": 25.0},
+                {
+                    "runtime": r,
+                    "masked": "annealing",
+                    "batch": 4,
+                    "images_per_s": rate,
+                    "ratio": rate / 10.0,
+                    "peak_memory_gib": peak,
+                    "first_step_s": first,
+                    "graphs": graphs,
+                    "recompiles": recompiles,
+                    "graph_breaks": 0,
+                }
+                for r, rate, peak, first, graphs, recompiles in (
+                    ("eager", 10.0, 30.0, 2.0, 0, 0),
+                    ("compiled", 14.0, 25.0, 61.5, 9, 4),
+                )
             ],
         ),
         gpu_check.Step(
@@ -140,7 +154,7 @@ def test_summary_tables_come_from_the_results():
     assert md.startswith("# GPU check: NVIDIA H100")
     assert "| vit_l | 640x640 | default | off | 150.0 | 721.4 | 1.50 |" in md
     assert "ViT-L best: 150.0 images/s, 0.75x the goal of 200." in md
-    assert "| on | 4 | 14.00 | 25.00 |" in md
+    assert "| compiled | annealing | 4 | 14.00 | 1.40x | 25.00 | 61.5 | 9 | 4 | 0 |" in md
     assert "PQ 41.25, trained and evaluated in 100 s" in md
     assert "7 passed, 2 deselected" in md
     assert "| forward vit_l default masked=on | timeout | 180 | over 180 s |" in md

@@ -322,7 +322,7 @@ def test_each_table_row_trains_and_evaluates_on_synthetic_data(step, tmp_path, m
     ]
     cfg = compose_config(overrides)
     train.train(train.build_run(cfg, tmp_path / "run"))
-    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Scalars("train/loss")
+    events = EventAccumulator(str(tmp_path / "run")).Reload().Scalars("train/loss")
     assert [e.step for e in events] == [1, 2] and all(math.isfinite(e.value) for e in events)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["step"] == 2 and "PQ" in record["metrics"] and record["gflops"] > 0

@@ -76,6 +76,8 @@ def test_transformers_repo_loads_from_the_cache(hub_cache, demo_model, tmp_path)
     cache_repo(hub_cache, "someone/eomt-tiny", {p.name: p for p in hf_dir.iterdir()})
 
     assert_same_weights(demo_model, api.load(DEMO, checkpoint="hf://someone/eomt-tiny"))
+    # no overrides: the repo's config.json builds the network
+    assert_same_weights(demo_model, api.load(checkpoint="hf://someone/eomt-tiny"))
 
 
 def test_preset_is_chosen_from_the_name_unless_an_experiment_is_given():

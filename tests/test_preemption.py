@@ -357,7 +357,7 @@ def test_train_py_checkpoints_on_the_signal_requeues_and_resumes(tmp_path, fake_
         deadline = time.monotonic() + 300
         # The TensorBoard writer is created after the handlers are installed: once its file exists,
         # the loop is running and the signal is caught.
-        while not list((run_dir / "tb").glob("events.*")):
+        while not list(run_dir.glob("events.*")):
             assert proc.poll() is None, output.read_text()
             assert time.monotonic() < deadline, "train.py did not start its loop within 300 s"
             time.sleep(0.2)
@@ -391,7 +391,7 @@ def _start_and_wait_for_the_loop(cmd, run_dir: Path, env: dict, stderr_path: Pat
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
         )
     deadline = time.monotonic() + 300
-    while not list((run_dir / "tb").glob("events.*")):  # written once the handlers are installed
+    while not list(run_dir.glob("events.*")):  # written once the handlers are installed
         assert proc.poll() is None, stderr_path.read_text()
         assert time.monotonic() < deadline, "train.py did not start its loop within 300 s"
         time.sleep(0.2)

@@ -59,8 +59,62 @@ def test_markdown_table_has_one_row_per_run_and_dashes_for_missing_values(sweep)
     table = report.markdown_table(report.find_runs(sweep)).splitlines()
     assert table[0] == "| run | task | PQ | PQ_th | SQ | FPS | GFLOPs | params |"
     assert len(table) == 2 + 4
-    assert table[2] == "| 0_masked_train_infer | panoptic | 56.20 | - | - | 61.0 | - | - |"
-    assert table[5] == "| 10_annealed | panoptic | 56.00 | 61.50 | 82.25 | 128.0 | 831.4 | 316.0M |"
+    assert table[2] == "| 0_masked_train_infer | panoptic | 56.20 | - | - | 61.00 | - | - |"
+    assert table[5] == "| 10_annealed | panoptic | 56.00 | 61.50 | 82.25 | 128.00 | 831.40 | 316.00M |"
+
+
+def test_numbers_have_one_format_and_no_negative_zero():
+    run = report.RunResult("a", "semantic", {"mIoU": 60.567, "aAcc": 0.0, "loss": -0.001}, fps=0.5)
+    row = report.markdown_table([run]).splitlines()[2]
+    assert row == "| a | semantic | 60.57 | 0.00 | 0.00 | 0.50 | - | - |"
+    labels = [report._tick_label(t) for t in report._nice_ticks(-0.4, 2.1)]
+    assert "0" in labels and not any(label in ("-0", "-0.0") for label in labels)
+
+
+def test_labels_of_nearby_points_do_not_overprint_each_other():
+    points = [(400.0, 300.0), (402.0, 301.0), (404.0, 299.0), (880.0, 60.0)]
+    sizes = [(150.0, 14.0), (130.0, 14.0), (90.0, 14.0), (120.0, 14.0)]
+    bounds = (90.0, 60.0, 920.0, 560.0)
+    boxes = report.place_labels(points, sizes, bounds)
+    markers = [(x - 6, y - 6, x + 6, y + 6) for x, y in points]
+    for i, box in enumerate(boxes):
+        assert bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1] and box[3] <= bounds[3]
+        assert (box[2] - box[0], box[3] - box[1]) == sizes[i]
+        others = boxes[:i] + boxes[i + 1 :] + markers
+        assert all(report._overlap(box, other) == 0 for other in others), i
+
+
+def test_fps_measured_under_load_is_marked_and_not_plotted(sweep, tmp_path):
+    write_run(
+        sweep,
+        "5_loaded",
+        {
+            "task": "panoptic",
+            "metrics": {"PQ": 50.0},
+            "fps": 1.0,
+            "fps_device": "cpu",
+            "fps_under_load": True,
+        },
+    )
+    write_run(
+        sweep, "6_gpu", {"task": "panoptic", "metrics": {"PQ": 51.0}, "fps": 300.0, "fps_device": "H100"}
+    )
+    runs = report.find_runs(sweep)
+    table = report.markdown_table(runs)
+    assert "| 5_loaded | panoptic | 50.00 | - | - | 1.00 * | - | - |" in table
+    assert table.endswith(report.UNDER_LOAD_NOTE)
+    plotted, left_out = report.comparable_speeds(runs)
+    assert [r.name for r in plotted] == [
+        "0_masked_train_infer",
+        "3_flat",
+        "10_annealed",
+    ]  # the most runs: no device named
+    assert [(r.name, why) for r, why in left_out] == [
+        ("5_loaded", "measured under load"),
+        ("6_gpu", "measured on H100"),
+    ]
+    table_text, notes = report.summarize(sweep, plot=tmp_path / "plot.png")
+    assert "not plotted: 5_loaded (FPS measured under load)" in notes
 
 
 def test_metric_columns_put_the_task_metrics_first():
@@ -152,7 +206,7 @@ def test_log_hparams_writes_one_row_into_the_runs_own_event_directory(tmp_path):
     hparams, scalars = read_hparams(run_tb)
     assert hparams == {
         "model.num_blocks": 4.0,
-        "schedule.annealing": False,
+        "schedule.annealing": "false",  # not 0.0000
         "crop": "[640, 640]",
         "init_from": "None",
         "variant": "masked_train_infer",

@@ -186,7 +186,7 @@ def hard_kill(job_id: str) -> int:
 
 def loop_running(run_dir: Path) -> bool:
     """The TensorBoard writer is created after the signal handlers: once it exists, signals are caught."""
-    return bool(list((run_dir / "tb").glob("events.*")))
+    return bool(list(run_dir.glob("events.*")))
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

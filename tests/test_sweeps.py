@@ -10,13 +10,16 @@ import submitit
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eomt import report
 from eomt.config import CONF_DIR
+from eomt.tb_hparams import sweep_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = CONF_DIR
@@ -145,6 +148,49 @@ def test_command_line_overrides_reach_every_job(hydra_conf):
     assert all(compose_job(job).trainer.batch_size == 32 for job in jobs)
 
 
+def test_hparams_columns_are_the_keys_the_sweep_varies(hydra_conf):
+    _, jobs = expand("annealing")
+    cfg = compose_job(jobs[2], 2)  # never_masked
+    HydraConfig.instance().set_config(cfg)
+    try:
+        got = sweep_hparams(cfg, jobs[2])
+    finally:
+        HydraConfig.instance().cfg = None
+    assert got == {
+        "sweep": "annealing",
+        "sweep/annealing": "never_masked",
+        "variant": "never_masked",
+        "schedule.annealing": True,
+        "model.masked_attn": False,
+        "eval.masked_attn": False,
+    }
+    assert sweep_hparams(cfg, ["seed=3"]) == {"seed": 3}  # outside a Hydra app: the overrides as given
+
+
+def test_in_a_multirun_hparams_columns_leave_out_what_every_job_shares(hydra_conf, tmp_path):
+    """`train.py -m +sweep=annealing experiment=demo seed=0,1`: the swept keys, not experiment=demo."""
+    command_line = ["+sweep=annealing", "experiment=demo", "seed=0,1"]
+    OmegaConf.save({"hydra": {"overrides": {"task": command_line}}}, tmp_path / "multirun.yaml")
+    job = ["+sweep=annealing", "experiment=demo", "seed=1", "+sweep/annealing=masked_train_infer"]
+    cfg = compose("train", overrides=[*job, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    try:
+        got = sweep_hparams(cfg, job)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert got == {
+        "seed": 1,
+        "sweep/annealing": "masked_train_infer",
+        "variant": "masked_train_infer",
+        "schedule.annealing": False,
+        "model.masked_attn": True,
+        "eval.masked_attn": True,
+    }
+
+
 # --- launchers ---------------------------------------------------------------------------------
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
@@ -240,7 +286,14 @@ def test_local_launcher_composes(hydra_conf, tmp_path, monkeypatch):
     cfg = compose("train", overrides=["hydra/launcher=local"], return_hydra_config=True)
     launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     assert launcher_cfg["_target_"].endswith("LocalLauncher")
-    assert launcher_cfg["tasks_per_node"] == 1 and launcher_cfg["gpus_per_node"] == 0
+    assert launcher_cfg["tasks_per_node"] == 1
+    assert (
+        launcher_cfg["gpus_per_node"] is None and launcher_cfg["max_parallel"] is None
+    )  # one job per GPU, or 1
+    cfg = compose(
+        "train", overrides=["hydra/launcher=local", "hydra.launcher.max_parallel=2"], return_hydra_config=True
+    )
+    assert cfg.hydra.launcher.max_parallel == 2
 
 
 @pytest.mark.slow
@@ -262,13 +315,23 @@ def test_local_launcher_runs_a_two_job_demo_sweep_that_the_report_reads(tmp_path
     env = {**os.environ, "EOMT_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # one job at a time on a CPU-only machine, a line as each starts and ends, then eomt.report's table
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("[1/2]", "[2/2]"))]
+    assert [line.split()[1] for line in lines] == [
+        "started",
+        lines[1].split()[1],
+        "started",
+        lines[3].split()[1],
+    ]
+    assert "0_" in lines[1] and "finished in" in lines[1] and "PQ " in lines[1] and "FPS " in lines[1]
+    assert "2 of 2 jobs finished" in done.stdout and "| run | task | PQ |" in done.stdout
     run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = [p.name for p in run_dirs]  # "<job>_<overrides>": the job number, then what was set
     assert len(names) == 2 and names[0].startswith("0_") and names[1].startswith("1_")
     assert "seed=0" in names[0] and "seed=1" in names[1]
     for run in run_dirs:
         assert list((run / "checkpoints").glob("step_*.pt")), f"{run.name} saved no checkpoint"
-        events = EventAccumulator(str(run / "tb"))
+        events = EventAccumulator(str(run))
         events.Reload()
         assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams"), (
             f"{run.name} logged no HParams row (eomt.tb_hparams.log_hparams at the end of training)"

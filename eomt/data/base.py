@@ -6,7 +6,8 @@ A dataset class states only what is its own: `splits` (our split names -> the da
 
 Corrupt files. A sample whose image or annotation PNG cannot be decoded is skipped with a
 warning naming the file, and the next readable sample is returned in its place carrying
-`skipped` = the number of files skipped to reach it (0 for ordinary samples). `dataset.skipped`
+`skipped` = the number of files skipped to reach it (0 for ordinary samples); an image above
+`max_image_pixels` (Pillow's decompression-bomb limit unless set) is one of them. `dataset.skipped`
 counts the skips made in *this* process (reset it by assigning 0); with DataLoader workers the
 skips happen in the workers, so the training loop sums the `skipped` fields of the samples (or
 targets) it receives instead. `on_corrupt="raise"` turns a corrupt file into an error.
@@ -21,7 +22,7 @@ from typing import Any, NamedTuple
 
 from torch.utils.data import Dataset
 
-from eomt.data.decode import CorruptFileError
+from eomt.data.decode import CorruptFileError, pixel_limit
 from eomt.data.empty import drop_empty
 from eomt.data.records import PackedRecords
 from eomt.data.zipreader import ZipReader, require_file
@@ -50,6 +51,7 @@ class SegmentationDataset(Dataset):
     """
 
     name = "dataset"  # shown in messages, e.g. "COCO panoptic"
+    max_image_pixels: int | None = None  # Pillow's decompression-bomb limit while loading (None: Pillow's)
     splits: dict[str, str] | None = None
     zips: dict[str, Archive] = {}
 
@@ -73,7 +75,7 @@ class SegmentationDataset(Dataset):
         self.skipped = 0
         records = self.index()
         if skip_empty:
-            records = drop_empty(self.name, records, self.empty(records))
+            records = drop_empty(f"{self.name} in {self.root}", records, self.empty(records))
         self.records = PackedRecords(records)
 
     def index(self) -> list:
@@ -98,7 +100,8 @@ class SegmentationDataset(Dataset):
         for offset in range(len(self)):
             record = self.records[(index + offset) % len(self)]
             try:
-                sample = self.load(record)
+                with pixel_limit(self.max_image_pixels):
+                    sample = self.load(record)
             except CorruptFileError as e:
                 if self.on_corrupt == "raise":
                     raise

@@ -56,6 +56,8 @@ def build_dataset(dataset_cfg: DictConfig, task: str, split: str, train: bool) -
         if isinstance(e.__cause__, (FileNotFoundError, ValueError)):
             raise e.__cause__ from None
         raise
+    if dataset_cfg.get("max_image_pixels") is not None and hasattr(dataset, "max_image_pixels"):
+        dataset.max_image_pixels = int(dataset_cfg.max_image_pixels)  # travels with it into the workers
     return first_images(dataset, dataset_cfg.get(f"max_{split}_images"))
 
 

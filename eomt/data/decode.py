@@ -1,27 +1,51 @@
-"""Decode images and annotation PNGs read from a store; unreadable files raise CorruptFileError."""
+"""Decode images and annotation PNGs read from a store; unreadable files raise CorruptFileError.
+
+An image above Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`: a warning above it, an
+error above twice it) counts as unreadable; `dataset.max_image_pixels` sets the limit while a dataset
+reads (`pixel_limit`), so that very large legitimate images (aerial tiles) can be read.
+"""
 
 from __future__ import annotations
 
 import io
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from PIL import Image
 
 from eomt.data.zipreader import Store
+from eomt.errors import DataError
 
 # What a truncated or damaged member raises: zip CRC/format errors, and the decoders' errors.
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, SyntaxError)
 
 
-class CorruptFileError(Exception):
+class CorruptFileError(DataError):
     """A file inside a dataset could not be read or decoded."""
 
-    def __init__(self, name: str, store: Store, reason: str):
-        super().__init__(f"{name} in {store}: {reason}")
+    def __init__(self, name: str, store: Store | None = None, reason: str = ""):
+        # One argument: the message as a DataLoader worker's error is re-raised in the main process.
+        super().__init__(name if store is None else f"{name} in {store}: {reason}")
         self.name = name
+
+
+@contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to `max_pixels` inside the block (None: as it is)."""
+    if max_pixels is None:
+        yield
+        return
+    if max_pixels < 1:
+        raise DataError(f"dataset.max_image_pixels={max_pixels} must be a positive number of pixels, or null")
+    before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, int(max_pixels)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def read_image(store: Store, name: str) -> torch.Tensor:
@@ -29,6 +53,13 @@ def read_image(store: Store, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(store.read(name))) as im:
             rgb = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise CorruptFileError(
+            name,
+            store,
+            f"DecompressionBombError: {e} If the image is legitimate, raise dataset.max_image_pixels "
+            f"(now {Image.MAX_IMAGE_PIXELS}; images above twice it are refused)",
+        ) from e
     except _READ_ERRORS as e:
         raise CorruptFileError(name, store, f"{type(e).__name__}: {e}") from e
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
@@ -40,7 +71,7 @@ def read_png(store: Store, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(store.read(name))) as im:
             im.load()
             return np.asarray(im)
-    except _READ_ERRORS as e:
+    except (Image.DecompressionBombError, *_READ_ERRORS) as e:
         raise CorruptFileError(name, store, f"{type(e).__name__}: {e}") from e
 
 

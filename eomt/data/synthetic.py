@@ -7,6 +7,7 @@ each with its own colour) at varied sizes, sometimes a crowd (a cluster of small
 as one crowd region) and sometimes a void patch (unannotated pixels).
 
     python -m eomt.data.synthetic --layout coco --out DIR --train 100 --val 20 --size 64x64 --seed 0
+    python train.py dataset=coco dataset.root=DIR model=tiny debug=smoke   # COCO's own 133 categories
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def _scenes(seed: int, split_index: int, count: int, height: int, width: int):
 # --- COCO --------------------------------------------------------------------------------------
 
 # Category ids are deliberately not in things-first order ("sky" has id 2), like nothing in COCO
-# itself, so that tests see the contiguous mapping at work.
+# itself, so that tests see the contiguous mapping at work. What `dataset=synthetic` reads.
 COCO_CATEGORIES = [
     {"id": 1, "name": "disc", "isthing": 1, "supercategory": "shape", "color": [220, 50, 50]},
     {"id": 2, "name": "sky", "isthing": 0, "supercategory": "background", "color": list(_SKY)},
@@ -170,9 +171,50 @@ COCO_CATEGORIES = [
 ]
 _COCO_ID = {c["name"]: c["id"] for c in COCO_CATEGORIES}
 
+# COCO's own category ids (80 things in 1..90, 53 merged stuff classes in 92..200), in the order of
+# conf/dataset/coco.yaml's class names, which they are paired with: what `dataset=coco` reads.
+_COCO_THING_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+_COCO_STUFF_IDS = [
+    92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 138, 141, 144, 145, 147, 148, 149,
+    151, 154, 155, 156, 159, 161, 166, 168, 171, 175, 176, 177, 178, 180, 181, 184, 185, 186, 187, 188,
+    189, 190, 191, 192, 193, 194, 195, 196, 197, 198, 199, 200,
+]  # fmt: skip
+# The scene classes as COCO classes: disc, box, triangle; sky, ground.
+_AS_COCO = {
+    "disc": "sports ball",
+    "box": "tv",
+    "triangle": "kite",
+    "sky": "sky-other-merged",
+    "ground": "dirt-merged",
+}
+CATEGORY_SETS = ("coco", "shapes")  # the published COCO categories | the five shape classes
 
-def write_coco(out: Path, splits: dict[str, int], height: int, width: int, seed: int) -> None:
-    """train2017.zip, val2017.zip, annotations_trainval2017.zip, panoptic_annotations_trainval2017.zip."""
+
+def coco_categories() -> tuple[list[dict], dict[str, int]]:
+    """COCO's 133 panoptic categories (names from conf/dataset/coco.yaml) and each scene class's id."""
+    from omegaconf import OmegaConf
+
+    from eomt.config import CONF_DIR
+
+    coco = OmegaConf.load(CONF_DIR / "dataset" / "coco.yaml")
+    things, stuff = list(coco.instance.class_names), list(coco.panoptic.stuff_names)
+    if (len(things), len(stuff)) != (len(_COCO_THING_IDS), len(_COCO_STUFF_IDS)):
+        raise AssertionError("conf/dataset/coco.yaml no longer has COCO's 80 + 53 class names")
+    categories = [
+        {"id": i, "name": n, "isthing": int(is_thing), "supercategory": "thing" if is_thing else "stuff"}
+        for ids, names, is_thing in ((_COCO_THING_IDS, things, True), (_COCO_STUFF_IDS, stuff, False))
+        for i, n in zip(ids, names, strict=True)
+    ]
+    ids = {c["name"]: c["id"] for c in categories}
+    return categories, {scene: ids[name] for scene, name in _AS_COCO.items()}
+
+
+def write_coco(
+    out: Path, splits: dict[str, int], height: int, width: int, seed: int, categories: str = "shapes"
+) -> None:
+    """train2017.zip, val2017.zip, annotations_trainval2017.zip, panoptic_annotations_trainval2017.zip;
+    `categories`: "shapes" (the five scene classes) or "coco" (COCO's 133, the scene classes among them)."""
+    category_list, scene_ids = coco_categories() if categories == "coco" else (COCO_CATEGORIES, _COCO_ID)
     with (
         zipfile.ZipFile(out / "annotations_trainval2017.zip", "w", zipfile.ZIP_DEFLATED) as instances_zip,
         zipfile.ZipFile(
@@ -181,7 +223,16 @@ def write_coco(out: Path, splits: dict[str, int], height: int, width: int, seed:
     ):
         for split_index, (split, count) in enumerate(splits.items()):
             _write_coco_split(
-                instances_zip, panoptic_zip, out, split_index, split, count, height, width, seed
+                instances_zip,
+                panoptic_zip,
+                out,
+                split_index,
+                split,
+                count,
+                (height, width),
+                seed,
+                category_list,
+                scene_ids,
             )
 
 
@@ -192,10 +243,12 @@ def _write_coco_split(
     split_index: int,
     split: str,
     count: int,
-    height: int,
-    width: int,
+    size: tuple[int, int],
     seed: int,
+    categories: list[dict],
+    scene_ids: dict[str, int],
 ) -> None:
+    height, width = size
     name = f"{split}2017"
     images, instances, panoptic = [], [], []
     png_buffer = io.BytesIO()
@@ -215,7 +268,7 @@ def _write_coco_split(
             id_map = np.zeros((height, width), np.int64)
             segments_info = []
             for segment_id, seg in zip(sorted(ids), scene.segments, strict=True):
-                category_id = _COCO_ID[CLASS_NAMES[seg.cls]]
+                category_id = scene_ids[CLASS_NAMES[seg.cls]]
                 id_map[seg.mask] = segment_id
                 area, bbox = int(seg.mask.sum()), _bbox(seg.mask)
                 segments_info.append(
@@ -244,7 +297,7 @@ def _write_coco_split(
             png_name = file_name.replace(".jpg", ".png")
             png_zip.writestr(f"panoptic_{name}/{png_name}", _encode(rgb, "PNG"))
             panoptic.append({"image_id": image_id, "file_name": png_name, "segments_info": segments_info})
-    things = [c for c in COCO_CATEGORIES if c["isthing"]]
+    things = [c for c in categories if c["isthing"]]
     instances_zip.writestr(
         f"annotations/instances_{name}.json",
         json.dumps(
@@ -257,7 +310,7 @@ def _write_coco_split(
     )
     panoptic_zip.writestr(
         f"annotations/panoptic_{name}.json",
-        json.dumps({"images": images, "annotations": panoptic, "categories": COCO_CATEGORIES}),
+        json.dumps({"images": images, "annotations": panoptic, "categories": categories}),
     )
     # The PNGs travel as a zip inside the annotations zip, as published (stored, not recompressed).
     panoptic_zip.writestr(
@@ -339,17 +392,31 @@ LAYOUTS: dict[str, Callable[[Path, dict[str, int], int, int, int], None]] = {
 
 
 def generate(
-    layout: str, out: str | Path, num_train: int, num_val: int, size: tuple[int, int], seed: int = 0
+    layout: str,
+    out: str | Path,
+    num_train: int,
+    num_val: int,
+    size: tuple[int, int],
+    seed: int = 0,
+    categories: str = "shapes",
 ) -> Path:
-    """Write a dataset in `layout` into folder `out` (created if needed)."""
+    """Write a dataset in `layout` into folder `out` (created if needed). The COCO layout's
+    `categories`: "shapes" (five, what `dataset=synthetic` reads) or "coco" (COCO's own 133, what
+    `dataset=coco` reads); ADE20K and Cityscapes always use their published label values."""
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+    if categories not in CATEGORY_SETS:
+        raise ConfigError(f"categories={categories!r} is not one of {'|'.join(CATEGORY_SETS)}")
     height, width = size
     if min(height, width) < 16:
         raise ConfigError(f"size {height}x{width} is too small; use at least 16x16")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    LAYOUTS[layout](out, {"train": num_train, "val": num_val}, height, width, seed)
+    splits = {"train": num_train, "val": num_val}
+    if layout == "coco":
+        write_coco(out, splits, height, width, seed, categories)
+    else:
+        LAYOUTS[layout](out, splits, height, width, seed)
     return out
 
 
@@ -417,8 +484,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=20, help="number of validation images")
     parser.add_argument("--size", type=_size, default=(64, 64), help="image size HxW")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--categories",
+        choices=CATEGORY_SETS,
+        default="coco",
+        help="COCO layout: COCO's own 133 categories (default; read with dataset=coco) or the five shape "
+        "classes (what dataset=synthetic generates for itself)",
+    )
     args = parser.parse_args(argv)
-    out = generate(args.layout, args.out, args.train, args.val, args.size, args.seed)
+    out = generate(args.layout, args.out, args.train, args.val, args.size, args.seed, args.categories)
     print(
         f"wrote {args.layout} layout ({args.train} train, {args.val} val, {args.size[0]}x{args.size[1]}) to {out}"
     )

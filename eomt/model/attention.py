@@ -13,6 +13,8 @@ from timm.layers import Attention, AttentionRope, apply_rot_embed_cat
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
+from eomt.model.registry import lookup
+
 QkvProjection = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
@@ -59,11 +61,7 @@ QKV_PROJECTIONS: dict[type, QkvProjection] = {
 
 def qkv_projection(attn: nn.Module) -> QkvProjection:
     """The q/k/v projection for a timm attention module, or a one-line error naming the module."""
-    for cls in type(attn).__mro__:
-        if cls in QKV_PROJECTIONS:
-            return QKV_PROJECTIONS[cls]
-    supported = ", ".join(c.__name__ for c in QKV_PROJECTIONS)
-    raise TypeError(f"EoMT cannot run attention module {type(attn).__name__}: supported are {supported}")
+    return lookup(QKV_PROJECTIONS, attn, "attention module")
 
 
 def _rotate_patches(x: Tensor, rope: Tensor, num_unroped: int, half: bool) -> Tensor:

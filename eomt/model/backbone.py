@@ -1,24 +1,24 @@
 """The timm ViT inside EoMT: creation, token embedding and block forward on the backbone's own modules.
 
 Two timm families are supported, each through one small adapter: `VisionTransformer` (DINOv2, DeiT-III,
-...) and `Eva` (DINOv3, EVA-02, ...: rotary position embedding). Block forwards are ours so that every
-attention goes through `eomt.model.attention.attention` (SDPA, masks, rope on patch tokens only).
+...) and `Eva` (DINOv3, EVA-02, ...: rotary position embedding). The blocks are re-housed in EoMT's
+own block modules (`eomt.model.blocks`) so that every attention goes through `eomt.model.attention.attention`
+(SDPA, masks, rope on patch tokens only).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import timm
-from timm.models.eva import Eva, EvaBlock
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from eomt.model.attention import attention, qkv_projection
-
-Attend = Callable[[nn.Module, Tensor], Tensor]
+from eomt.model.attention import qkv_projection
+from eomt.model.blocks import rehouse_blocks
+from eomt.model.registry import lookup
 
 
 def create_backbone(
@@ -64,22 +64,6 @@ def _eva_embed(backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | No
     return backbone.norm_pre(tokens), rope
 
 
-def _vit_block(block: nn.Module, x: Tensor, attend: Attend) -> Tensor:
-    x = x + block.drop_path1(block.ls1(attend(block.attn, block.norm1(x))))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-
-def _eva_block(block: nn.Module, x: Tensor, attend: Attend) -> Tensor:
-    y = attend(block.attn, block.norm1(x))
-    if block.gamma_1 is not None:
-        y = block.gamma_1 * y
-    x = x + block.drop_path1(y)
-    y = block.mlp(block.norm2(x))
-    if block.gamma_2 is not None:
-        y = block.gamma_2 * y
-    return x + block.drop_path2(y)
-
-
 def _vit_has_patch_dropout(backbone: nn.Module) -> bool:
     return not isinstance(backbone.patch_drop, nn.Identity)
 
@@ -90,41 +74,33 @@ def _eva_has_patch_dropout(backbone: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Family:
-    """How EoMT drives one timm model class."""
+    """How EoMT drives one timm model class (its blocks: `eomt.model.blocks`)."""
 
     embed: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor | None]]
     has_patch_dropout: Callable[[nn.Module], bool]
-    blocks: dict[type, Callable[[nn.Module, Tensor, Attend], Tensor]]
 
 
 FAMILIES: dict[type, Family] = {
-    VisionTransformer: Family(_vit_embed, _vit_has_patch_dropout, {Block: _vit_block}),
-    Eva: Family(_eva_embed, _eva_has_patch_dropout, {EvaBlock: _eva_block}),
+    VisionTransformer: Family(_vit_embed, _vit_has_patch_dropout),
+    Eva: Family(_eva_embed, _eva_has_patch_dropout),
 }
-
-
-def _lookup(registry: dict[type, Any], obj: object, what: str) -> Any:
-    for cls in type(obj).__mro__:
-        if cls in registry:
-            return registry[cls]
-    supported = ", ".join(c.__name__ for c in registry)
-    raise TypeError(f"EoMT cannot drive {what} {type(obj).__name__}: supported are {supported}")
 
 
 class BackboneRunner:
     """Runs the timm ViT it was built from token by token: embedding, then any block with an optional mask.
 
     Not a module: it holds plain functions and a reference to the backbone (the owning network keeps
-    the backbone as its `.backbone` submodule), never parameters of its own.
+    the backbone as its `.backbone` submodule), never parameters of its own. It re-houses the backbone's
+    blocks in EoMT's block modules (`eomt.model.blocks`: same parameter names) when it is made.
     """
 
     def __init__(self, backbone: nn.Module):
         self.backbone = backbone
-        family: Family = _lookup(FAMILIES, backbone, "backbone")
+        family: Family = lookup(FAMILIES, backbone, "backbone")
         if family.has_patch_dropout(backbone):
             raise ValueError("EoMT needs every patch token: set model.backbone_kwargs.patch_drop_rate=0")
         self._embed = family.embed
-        self._block_forwards = [_lookup(family.blocks, block, "block") for block in backbone.blocks]
+        rehouse_blocks(backbone.blocks)
         for block in backbone.blocks:
             qkv_projection(block.attn)  # fail at construction, not in the first forward
         self.patch_size: tuple[int, int] = tuple(backbone.patch_embed.patch_size)
@@ -137,6 +113,10 @@ class BackboneRunner:
         tokens, rope = self._embed(self.backbone, images)
         return tokens, rope, grid
 
+    def block_rope(self, rope: Tensor | None, index: int) -> Tensor | None:
+        """The rotary embedding block `index` applies (mixed-mode rope has one per block)."""
+        return rope[index] if rope is not None and self.rope_per_block else rope
+
     def block(
         self,
         index: int,
@@ -146,7 +126,4 @@ class BackboneRunner:
         attn_mask: Tensor | None,
     ) -> Tensor:
         """Block `index` on x; rope skips the first `num_unroped` tokens."""
-        if rope is not None and self.rope_per_block:
-            rope = rope[index]
-        attend = partial(attention, rope=rope, num_unroped=num_unroped, attn_mask=attn_mask)
-        return self._block_forwards[index](self.backbone.blocks[index], x, attend)
+        return self.backbone.blocks[index](x, self.block_rope(rope, index), num_unroped, attn_mask)

@@ -1,7 +1,8 @@
 """EoMT: a plain timm ViT whose last `num_blocks` blocks also process learned queries, plus tiny heads."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +65,17 @@ class EoMT(nn.Module):
         self.upscale = upscale(dim, self._runner.patch_size, num_upscale_blocks)
         self.register_buffer("attn_mask_probs", torch.ones(num_blocks))
         self._host_probs: tuple[int, list[float]] | None = None  # (buffer version, its values) from set_...
+        self._compiled: dict[str, Callable] = {}  # compile_regions(): name in REGIONS -> compiled method
         self.register_buffer(
             "pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False
         )
         self.register_buffer(
             "pixel_std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False
         )
+
+    def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+        """Images in [0,1] -> tokens [prefix | patches], the rotary embedding (or None) and the patch grid."""
+        return self._runner.embed((images - self.pixel_mean) / self.pixel_std)
 
     def predict(self, tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Mask logits (B,Q,4h,4w) and class logits (B,Q,C+1) from tokens [queries | prefix | patches]."""
@@ -104,41 +110,62 @@ class EoMT(nn.Module):
         tokens; prefix and patch tokens see everything.
         """
         batch, num_queries = mask_logits.shape[:2]
+        lifted = _lifted_queries(prob, host_prob, batch, num_queries, mask_logits.device)
+        return self._region("mask_from_logits")(mask_logits, grid, lifted)
+
+    def mask_from_logits(self, mask_logits: Tensor, grid: tuple[int, int], lifted: Tensor | None) -> Tensor:
+        """`attention_mask` once the lifted (image, query) pairs (bool (B,Q,1), or None) are drawn."""
+        batch, num_queries = mask_logits.shape[:2]
         start = num_queries + self.num_prefix_tokens
         num_tokens = start + grid[0] * grid[1]
         on_mask = F.interpolate(mask_logits, size=grid, mode="bilinear").flatten(2) > 0
-        lifted = _lifted_queries(prob, host_prob, batch, num_queries, mask_logits.device)
         mask = torch.ones(batch, num_tokens, num_tokens, dtype=torch.bool, device=mask_logits.device)
         mask[:, :num_queries, start:] = on_mask if lifted is None else on_mask | lifted
         return mask[:, None]
 
+    def compile_regions(self, **options: Any) -> None:
+        """Regional compilation, as torchtitan and PyTorch's recipe do it: every block compiled whole
+        (`fullgraph=True`; the blocks share one code object, hence one set of graphs whatever the depth),
+        and so are the embedding, the heads and the attention mask. The loop over the blocks and the
+        annealing draw stay in Python, so no host decision becomes a guard of a compiled graph and the
+        draws use the eager random stream. `options` go to torch.compile (e.g. mode)."""
+        for block in self.backbone.blocks:
+            block.compile(fullgraph=True, **options)
+        for name in REGIONS:
+            self._compiled[name] = torch.compile(getattr(self, name), fullgraph=True, **options)
+
+    def _region(self, name: str) -> Callable:
+        return self._compiled.get(name) or getattr(self, name)
+
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        x = (images - self.pixel_mean) / self.pixel_std
-        tokens, rope, grid = self._runner.embed(x)
-        depth = len(self.backbone.blocks)
-        first_query_block = depth - self.num_blocks
+        tokens, rope, grid = self._region("embed")(images)
+        predict = self._region("predict")
+        first_query_block = len(self.backbone.blocks) - self.num_blocks
         mask_logits: list[Tensor] = []
         class_logits: list[Tensor] = []
         attn_mask = None
-        for i in range(depth):
+        for i, block in enumerate(self.backbone.blocks):
             if i == first_query_block:
                 queries = self.q.weight.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
                 tokens = torch.cat((queries, tokens), dim=1)
             in_query_blocks = i >= first_query_block
             if self.masked_attn and in_query_blocks:
-                masks, classes = self.predict(tokens, grid)
+                masks, classes = predict(tokens, grid)
                 mask_logits.append(masks)
                 class_logits.append(classes)
-                block = i - first_query_block
+                index = i - first_query_block
                 attn_mask = self.attention_mask(
-                    masks, grid, self.attn_mask_probs[block], self._host_prob(block)
+                    masks, grid, self.attn_mask_probs[index], self._host_prob(index)
                 )
             num_unroped = self.num_prefix_tokens + (self.num_queries if in_query_blocks else 0)
-            tokens = self._runner.block(i, tokens, rope, num_unroped, attn_mask)
-        masks, classes = self.predict(tokens, grid)
+            tokens = block(tokens, self._runner.block_rope(rope, i), num_unroped, attn_mask)
+        masks, classes = predict(tokens, grid)
         mask_logits.append(masks)
         class_logits.append(classes)
         return mask_logits, class_logits
+
+
+REGIONS = ("embed", "predict", "mask_from_logits")  # EoMT's methods compiled whole besides the blocks
 
 
 @torch.compiler.disable
@@ -148,8 +175,9 @@ def _lifted_queries(
     """Bool (B,Q,1): the (image, query) pairs whose mask is lifted, each with probability 1 - prob.
 
     As in the authors' release, the random numbers are drawn only when prob < 1 (a fully masked
-    block draws none), so the random stream matches theirs; outside the compiled graph since the
-    branch reads the probability (from the host when `host_prob` is known, else from the device).
+    block draws none), so the random stream matches theirs; it stays out of compiled graphs since the
+    branch reads the probability (from the host when `host_prob` is known, else from the device) and
+    since a compiled graph draws from another random stream.
     """
     if not (bool(prob < 1) if host_prob is None else host_prob < 1):
         return None

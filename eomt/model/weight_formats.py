@@ -376,12 +376,6 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(path, layout, state)
 
 
-def _listing(title: str, items: list[str], limit: int = 12) -> str:
-    shown = "\n    ".join(items[:limit])
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"\n  {title} ({len(items)}):\n    {shown}{more}"
-
-
 def _is_class_head(key: str) -> bool:
     return key.startswith("class_head.")
 
@@ -389,8 +383,8 @@ def _is_class_head(key: str) -> bool:
 def load_checkpoint(
     model: nn.Module, checkpoint: str | Path | LoadedCheckpoint, skip_class_head: bool = False
 ) -> None:
-    """Load weights in any recognised layout into `model`, or raise one CheckpointError listing every
-    missing key, unexpected key and shape mismatch. skip_class_head: keep the model's class head
+    """Load weights in any recognised layout into `model`, or raise a one-line CheckpointError counting
+    the missing keys, unexpected keys and shape mismatches and naming the first. skip_class_head: keep the model's class head
     (fine-tuning on another label set)."""
     ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else read_checkpoint(checkpoint)
     converted = ckpt.layout.to_ours(ckpt.state)
@@ -408,16 +402,21 @@ def load_checkpoint(
     unexpected = [k for k in state if k not in expected]
     unexpected += [f"{k} (checkpoint key with no place in EoMT)" for k in converted.unplaced]
     missing += [f"{k} (in checkpoint, incomplete)" for k in converted.incomplete]
-    if missing or unexpected or mismatched:
+    differ = (
+        mismatched
+        + [f"{k} missing from checkpoint" for k in missing]
+        + [f"{k} unexpected in checkpoint" for k in unexpected]
+    )
+    if differ:
         hint = ""
         if any(k.endswith(("attn.q_bias", "attn.v_bias")) for k in unexpected):
-            hint = " The checkpoint has q/v biases: use the `_qkvb` timm DINOv3 backbone."
+            hint = "; it has q/v biases: use the `_qkvb` timm DINOv3 backbone"
         raise CheckpointError(
-            f"{ckpt.path} ({ckpt.layout.name}) does not fit this network: build the network the checkpoint "
-            f"was trained as (model=..., model.num_queries, model.num_classes, model.img_size, ...).{hint}"
-            + (_listing("missing from checkpoint", missing) if missing else "")
-            + (_listing("unexpected in checkpoint", unexpected) if unexpected else "")
-            + (_listing("shape mismatches", mismatched) if mismatched else "")
+            f"{ckpt.path} ({ckpt.layout.name}) does not fit this network: {len(differ)} keys differ "
+            f"({len(mismatched)} shapes, {len(missing)} missing, {len(unexpected)} unexpected), first "
+            f"{differ[0]}; pass its run directory as checkpoint= (its config.yaml builds the network), or "
+            f"the overrides it was trained with (model=..., model.num_queries, model.num_classes, "
+            f"model.img_size, ...){hint}"
         )
 
     if ckpt.layout.backbone_is_delta:
