@@ -436,7 +436,7 @@ class TrainLog:
                 "torch.compile: %s reached the recompile limit (%d) and runs eagerly from then on; run with "
                 "TORCH_LOGS=recompiles to see why it recompiles",
                 name,
-                torch._dynamo.config.recompile_limit,
+                summary.recompile_limit,
             )
 
 
