@@ -84,7 +84,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, overrides: list[str] | N
     return result.metrics
 
 
-@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="eomt/conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         with user_errors():

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from eomt import distributed
 from eomt.api import load_model
-from eomt.checkpointing import CheckpointManager, restore_training_state, save_training_state
+from eomt.checkpointing import CheckpointManager, TrainState
 from eomt.compilation import CompileStats, compile_for_training
 from eomt.config import check_config, check_overrides
 from eomt.data import build_dataset
@@ -40,7 +40,7 @@ from eomt.data.sampler import ResumableSampler, SeededSamples
 from eomt.device import AMP_DTYPES, resolve_device, training_precision
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
-from eomt.preemption import PreemptionHandler, ignore_in_dataloader_worker
+from eomt.preemption import PreemptionHandler, TrainingStopped, ignore_in_dataloader_worker
 from eomt.profiling import LoadMeter, bf16_peak_flops, gflops_per_image, training_mfu
 from eomt.run_info import write_run_info
 from eomt.tb_hparams import log_hparams, sweep_hparams
@@ -183,14 +183,13 @@ class Run:
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    lr_at: Callable[[int], None]  # writes the step's learning rates into the optimiser
+    apply_lr: Callable[[int], None]  # writes the step's learning rates into the optimiser
     annealing: Callable[[int], list[float]] | None
-    checkpoints: CheckpointManager
+    state: TrainState  # the counters: steps done, skipped steps
+    checkpoints: CheckpointManager  # saves and restores model, optimizer, scaler, state on its cadence
     evaluation: Evaluation | None
     hparams: dict[str, Any]  # this run's row in TensorBoard's HParams tab
     forward_gflops: float | None  # one image's training forward (CUDA only: MFU in the log)
-    bad_steps: int = 0  # non-finite losses in a row
-    skipped_steps: int = 0  # non-finite losses in all
 
     @property
     def main(self) -> bool:
@@ -225,8 +224,15 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample loss points and masks independently
     criterion = instantiate(cfg.loss).to(device)
     optimizer = build_optimizer(cfg, model, device)
+    evaluation = Evaluation.from_config(cfg, device) if cfg.eval.every_epochs else None
+    gflops = forward_gflops(model, device)  # counted before compiling
+    if env.world_size > 1:  # the ViT-Adapter baseline has BatchNorm (EoMT has none); params are kept
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    forward_model = wrap_for_training(model, cfg, device, env.world_size)
+    state = TrainState()
     sched = cfg.schedule
-    run = Run(
+    return Run(
         cfg=cfg,
         run_dir=run_dir,
         device=device,
@@ -236,11 +242,11 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
         total_steps=total_steps,
         last_step=min(total_steps, cfg.trainer.max_steps or total_steps),
         model=model,
-        forward_model=model,
+        forward_model=forward_model,
         criterion=criterion,
         optimizer=optimizer,
-        scaler=torch.amp.GradScaler(enabled=precision == "fp16"),
-        lr_at=lambda step: set_lr(
+        scaler=scaler,
+        apply_lr=lambda step: set_lr(
             optimizer,
             step,
             total_steps,
@@ -250,30 +256,23 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
             sched.two_stage_warmup,
         ),
         annealing=annealing_schedule(cfg, model, total_steps),
-        checkpoints=CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last),
-        evaluation=Evaluation.from_config(cfg, device) if cfg.eval.every_epochs else None,
+        state=state,
+        checkpoints=CheckpointManager(
+            run_dir / "checkpoints",
+            cfg.trainer.keep_last,
+            every_steps=cfg.trainer.ckpt_every_steps,
+            train_state=state,
+            parts={"model": model, "optimizer": optimizer, "scaler": scaler},
+            config=OmegaConf.to_container(cfg, resolve=True),
+        ),
+        evaluation=evaluation,
         hparams={
             "variant": cfg.get("variant") or "-",
             "model": cfg.model.name,
             **sweep_hparams(cfg, overrides),  # what the sweep varies, config groups as the keys they change
         },
-        forward_gflops=forward_gflops(model, device),
+        forward_gflops=gflops,
     )
-    if env.world_size > 1:  # the ViT-Adapter baseline has BatchNorm (EoMT has none); params are kept
-        run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
-    run.forward_model = wrap_for_training(run.model, cfg, device, env.world_size)
-    return run
-
-
-def resume(run: Run) -> tuple[int, Path | None]:
-    """(step to start from, checkpoint restored into `run`): the run directory's newest, or (0, None)."""
-    found = run.checkpoints.load_latest() if run.cfg.trainer.resume != "never" else None
-    if found is None:  # load_latest() skips (and renames) unreadable checkpoints with a warning
-        return 0, None
-    path, state = found
-    state = restore_training_state(state, model=run.model, optimizer=run.optimizer, scaler=run.scaler)
-    run.skipped_steps = state.get("skipped_steps", 0)
-    return state["step"], path
 
 
 def banner(run: Run, start: int, checkpoint: Path | None) -> str:
@@ -316,17 +315,17 @@ def optimisation_step(run: Run, micro_batches: list[Batch], step: int) -> dict[s
 
     if not distributed.all_true(finite):
         run.optimizer.zero_grad(set_to_none=True)
-        run.bad_steps += 1
-        run.skipped_steps += 1
-        log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, run.bad_steps)
-        if run.bad_steps >= run.cfg.trainer.max_bad_steps:
+        run.state.bad_steps += 1
+        run.state.skipped_steps += 1
+        log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, run.state.bad_steps)
+        if run.state.bad_steps >= run.cfg.trainer.max_bad_steps:
             raise TrainingDiverged(
-                f"{run.bad_steps} non-finite losses in a row at step {step}; lower schedule.lr, use "
+                f"{run.state.bad_steps} non-finite losses in a row at step {step}; lower schedule.lr, use "
                 "trainer.precision=bf16 or fp32, or check the data; the last checkpoint is in "
                 f"{run.checkpoints.folder}"
             )
         return None
-    run.bad_steps = 0
+    run.state.bad_steps = 0
     run.scaler.unscale_(run.optimizer)
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.schedule.grad_clip)
     run.scaler.step(run.optimizer)
@@ -376,9 +375,9 @@ class TrainLog:
             means = dict(zip(self.names, (self.sum / self.finite_steps).tolist(), strict=True))
         for name, value in means.items():
             writer.add_scalar(f"train/{name}", value, step)
-        lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
-        for name in ("backbone.blocks.0", f"backbone.blocks.{len(run.model.backbone.blocks) - 1}", "heads"):
-            writer.add_scalar(f"lr/{name}", lrs[name], step)
+        lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}  # one per block, embeddings, heads
+        for name, lr in lrs.items():
+            writer.add_scalar(f"lr/{name}", lr, step)
         if run.annealing is not None:
             for i, p in enumerate(run.annealing(step - 1)):
                 writer.add_scalar(f"annealing/block{i}", p, step)
@@ -405,7 +404,7 @@ class TrainLog:
             step,
             run.last_step,
             loss,
-            lrs["heads"],
+            max(lrs.values()),
             images_per_s,
             mfu,
             loaded,
@@ -436,7 +435,7 @@ class TrainLog:
                 "torch.compile: %s reached the recompile limit (%d) and runs eagerly from then on; run with "
                 "TORCH_LOGS=recompiles to see why it recompiles",
                 name,
-                torch._dynamo.config.recompile_limit,
+                summary.recompile_limit,
             )
 
 
@@ -444,22 +443,6 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def save(run: Run, step: int) -> Path:
-    config = OmegaConf.to_container(run.cfg, resolve=True)
-    path = save_training_state(
-        run.checkpoints,
-        step=step,
-        model=run.model,
-        optimizer=run.optimizer,
-        scaler=run.scaler,
-        config=config,
-        counters={"skipped_steps": run.skipped_steps},
-    )
-    if run.main:
-        log.info("saved %s", path)
-    return path
 
 
 def report_skipped_files(run: Run, skipped: int, epoch: int, step: int, writer: SummaryWriter | None) -> None:
@@ -471,23 +454,11 @@ def report_skipped_files(run: Run, skipped: int, epoch: int, step: int, writer: 
         writer.add_scalar("data/skipped_files", skipped, step)
 
 
-def validate(
-    run: Run, step: int, writer: SummaryWriter | None, preemption: PreemptionHandler
-) -> dict[str, Any] | None:
-    """Score the bare model on the val split; the last step's record also holds its forward cost.
-
-    None when a stop signal killed the evaluation loader's workers (the caller saves and stops).
-    """
-    if run.evaluation is None:
-        return {}
-    try:
-        result = run.evaluation.run(
-            run.model, step=step, writer=writer, run_dir=run.run_dir, benchmark=step == run.last_step
-        )
-    except RuntimeError as e:
-        if not preemption.killed_by_stop(e):
-            raise
-        return None
+def validate(run: Run, step: int, writer: SummaryWriter | None) -> dict[str, Any]:
+    """Score the bare model on the val split; the last step's record also holds its forward cost."""
+    result = run.evaluation.run(
+        run.model, step=step, writer=writer, run_dir=run.run_dir, benchmark=step == run.last_step
+    )
     run.model.train()
     return result.record
 
@@ -501,28 +472,29 @@ def log_hparams_row(run: Run, writer: SummaryWriter | None, record: dict[str, An
     log_hparams(writer, run.hparams, metrics, step=step)
 
 
-def stop_after_saving(preemption: PreemptionHandler, progress: tqdm, checkpoint: Path, step: int) -> None:
-    """A stop signal was agreed and the state saved: exit (0, or 130 after Ctrl-C), requeueing where asked."""
-    log.info("preemption signal: checkpoint written at step %d, exiting", step)
-    progress.close()  # the stop line stays the last line on stderr
-    preemption.finish(checkpoint)
+def warn_finished(run: Run, step: int) -> None:
+    log.warning(
+        "%s already finished at step %d (last step %d): nothing to train; pass a new name=... for a "
+        "separate run, or trainer.resume=never to train this one again from scratch",
+        run.run_dir,
+        step,
+        run.last_step,
+    )
 
 
 # --- the loop -------------------------------------------------------------------------------------
 def train(run: Run) -> None:
-    cfg, data = run.cfg, run.data
-    start, checkpoint = resume(run)
+    """Resume, then step until the last step: save when the checkpoint manager says so, evaluate at
+    epoch ends and at the end. A stop signal raises TrainingStopped (fetching, after a step, or in an
+    evaluation), caught once: the last finished step is saved (unless it is already), then exit."""
+    data, state, every_epochs = run.data, run.state, run.cfg.eval.every_epochs
+    checkpoint = run.checkpoints.restore_training_state() if run.cfg.trainer.resume != "never" else None
+    start = state.step
     if run.main:
         log.info("%s", banner(run, start, checkpoint))
     if start >= run.last_step:
         if run.main:
-            log.warning(
-                "%s already finished at step %d (last step %d): nothing to train; pass a new name=... for a "
-                "separate run, or trainer.resume=never to train this one again from scratch",
-                run.run_dir,
-                start,
-                run.last_step,
-            )
+            warn_finished(run, start)
         return
     preemption = PreemptionHandler()
     preemption.install()
@@ -533,51 +505,46 @@ def train(run: Run) -> None:
     progress = tqdm(
         total=run.last_step, initial=start, disable=not run.main, desc="train", dynamic_ncols=True
     )
-    batches = data.batches(start)
-    skipped_files, record, validated_at = 0, {}, -1
+    batches, skipped_files, record = data.batches(start), 0, {}
     try:
         for step in range(start, run.last_step):
             micro_batches = preemption.next_batches(batches, data.accum)
-            if micro_batches is None:  # a stop signal came first (or killed the loader's workers)
-                stop_after_saving(preemption, progress, save(run, step), step)
             skipped_files += sum(count_skipped(targets) for _, targets in micro_batches)
-            run.lr_at(step)
+            run.apply_lr(step)
             if run.annealing is not None:
                 run.model.set_attn_mask_probs(run.annealing(step))
             terms = optimisation_step(run, micro_batches, step)
-            done = step + 1
+            state.step = done = step + 1
             progress.update(1)
             train_log.maybe_log(done, terms)
-            stop = preemption.should_stop()
-            if done % cfg.trainer.ckpt_every_steps == 0 or done == run.last_step or stop:
-                path = save(run, done)
-            if stop:
-                stop_after_saving(preemption, progress, path, done)
+            preemption.check()
+            last = done == run.last_step
+            run.checkpoints.maybe_save(done, last)
             epoch, step_in_epoch = divmod(done, data.steps_per_epoch)
             if step_in_epoch == 0:  # an epoch ended
                 report_skipped_files(run, skipped_files, epoch - 1, done, writer)
                 skipped_files = 0
-                if run.evaluation is not None and epoch % cfg.eval.every_epochs == 0:
-                    record, validated_at = validate(run, done, writer, preemption), done
-                    if record is None and preemption.should_stop():
-                        stop_after_saving(preemption, progress, save(run, done), done)
-        if validated_at != run.last_step:
-            record = validate(run, run.last_step, writer, preemption)  # the final model is always evaluated
-            if record is None and preemption.should_stop():  # the last step is saved; evaluate.py scores it
-                stop_after_saving(preemption, progress, run.checkpoints.latest(), run.last_step)
+            if run.evaluation is not None and (last or (step_in_epoch == 0 and epoch % every_epochs == 0)):
+                with preemption.stop_if_workers_die():  # the final model is always evaluated
+                    record = validate(run, done, writer)
         distributed.check_replicas(run.model)  # logs whether every rank ends with the same weights
         log_hparams_row(run, writer, record, run.last_step)
         train_log.close(run.last_step)
+    except TrainingStopped:
+        checkpoint = run.checkpoints.save_training_state(state.step)
+        log.info("preemption signal: checkpoint written at step %d, exiting", state.step)
+        progress.close()  # the stop line stays the last line on stderr
+        preemption.finish(checkpoint)
     finally:
         preemption.uninstall()
         progress.close()
         if writer is not None:
             writer.close()
-    if run.skipped_steps:
-        log.warning("%d steps were skipped for non-finite losses", run.skipped_steps)
+    if state.skipped_steps:
+        log.warning("%d steps were skipped for non-finite losses", state.skipped_steps)
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="eomt/conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -14,7 +14,8 @@ from torch import nn
 
 from eomt import model_zoo
 from eomt.checkpoint_config import compose_for
-from eomt.checkpointing import resolve_checkpoint
+from eomt.checkpointing import CheckpointManager
+from eomt.errors import CheckpointError
 from eomt.model import build_model, load_checkpoint, read_checkpoint
 
 
@@ -46,3 +47,19 @@ def load_model(
     if ckpt is not None:
         load_checkpoint(model, ckpt, skip_class_head=skip_class_head)
     return model.eval()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint;
+    a hub name (tue-mps/<repo>, hf://<org>/<repo>) -> its weights in the Hugging Face cache."""
+    if model_zoo.hub_repo(path) is not None:
+        return model_zoo.download(path)
+    path = Path(path)
+    if (path / "checkpoints").is_dir():  # a training run directory
+        latest = CheckpointManager(path / "checkpoints", clean_up=False).latest()
+        if latest is None:
+            raise CheckpointError(f"run directory {path} has no checkpoint yet; train it first")
+        return latest
+    if not path.exists():
+        raise CheckpointError(f"checkpoint={path} does not exist; fix the path")
+    return path

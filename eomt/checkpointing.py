@@ -1,8 +1,10 @@
-"""Complete, atomic training checkpoints and the resume lookup.
+"""Training state: the counters a run carries (`TrainState`) and complete, atomic checkpoints of it.
 
 A run directory holds `checkpoints/step_00001234.pt` files. A file only ever appears under its
 final name once it is completely written (temp file + `os.replace`), so the newest one is always
-safe to resume from, even after a hard kill.
+safe to resume from, even after a hard kill. `CheckpointManager` writes them on its own cadence
+(`maybe_save(step, last)`) and restores the newest; reading a checkpoint into a network, whatever
+its origin (a file, a run directory, a hub name), is the loading side's (`eomt.api`).
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import ast
 import logging
 import random
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
-from eomt import distributed, model_zoo
+from eomt import distributed
 from eomt.atomic import atomic_open, disk_full_as_one_line
 from eomt.errors import CheckpointError, ConfigError, DiskFullError
 from eomt.model.weight_formats import load_weights_only
@@ -66,20 +69,65 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class Stateful(Protocol):
+    """What a checkpoint holds a part of: a module, an optimiser, a GradScaler, the TrainState."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class TrainState:
+    """The counters the loop carries from step to step; `state_dict()` goes into every checkpoint."""
+
+    step: int = 0  # optimisation steps done
+    skipped_steps: int = 0  # steps skipped for a non-finite loss, in all
+    bad_steps: int = 0  # non-finite losses in a row (not saved: a resumed run starts a new count)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_steps = 0
+
+
 class CheckpointManager:
     """Writes `step_N.pt` files into `folder`, keeps the newest `keep_last`, finds the latest.
 
     On start it removes the temp files of writes that a kill interrupted (each as large as a
     checkpoint). On resume an unreadable newest checkpoint is renamed to `*.corrupt` (kept for a
     look, never deleted) and the previous one is used.
+
+    Given the training state (`train_state`, the `parts` such as model / optimizer / scaler, and the
+    resolved `config`), it also saves and restores it (torchtitan's CheckpointManager): the loop calls
+    `maybe_save(step, last)` after every step, and this decides (every `every_steps` steps, the last one).
     """
 
-    def __init__(self, folder: str | Path, keep_last: int = 2, clean_up: bool = True):
+    def __init__(
+        self,
+        folder: str | Path,
+        keep_last: int = 2,
+        clean_up: bool = True,
+        *,
+        every_steps: int | None = None,
+        train_state: TrainState | None = None,
+        parts: Mapping[str, Stateful] | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         """`clean_up=False` for readers (evaluate.py on a run that may be writing right now)."""
         if keep_last < 1:
             raise ConfigError(f"trainer.keep_last must be >= 1, got {keep_last}")
+        if every_steps is not None and every_steps < 1:
+            raise ConfigError(f"trainer.ckpt_every_steps must be >= 1, got {every_steps}")
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self.every_steps = every_steps
+        self.train_state = train_state
+        self.parts = dict(parts or {})
+        self.config = config
+        self._saved: tuple[int, Path] | None = None  # (step, file) of this run's newest checkpoint
         if clean_up:
             self._remove_interrupted_writes()
 
@@ -142,6 +190,58 @@ class CheckpointManager:
             )
         return None
 
+    # --- the training state -------------------------------------------------------------------
+    def maybe_save(self, step: int, last: bool = False) -> Path | None:
+        """Save the training state after `step` steps if it is due: every `every_steps`, and the last."""
+        due = last or (self.every_steps is not None and step % self.every_steps == 0)
+        return self.save_training_state(step) if due else None
+
+    def save_training_state(self, step: int) -> Path:
+        """Write the training state after `step` steps, unless that step is saved already; every rank
+        calls it, rank 0 writes. Returns the checkpoint's path on every rank, once it is complete.
+
+        Saved: each part's state dict under its name, the TrainState's counters, every rank's RNG
+        streams and the resolved config. The data position is the step: the sampler and the
+        augmentation draws are functions of it.
+        """
+        if self._saved is not None and self._saved[0] == step:
+            return self._saved[1]
+        if self.train_state is None:
+            raise ValueError("CheckpointManager was built without a train_state: nothing to save")
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state.update(self.train_state.state_dict())
+        state["rng"] = distributed.all_gather_object(rng_state())
+        state["config"] = self.config
+        path, disk_full = None, None
+        if distributed.is_main():
+            try:
+                path = self.save(state, step)
+            except DiskFullError as e:  # every rank stops with the same line, none waits for the others
+                disk_full = str(e)
+        distributed.barrier()
+        path, disk_full = distributed.broadcast_object((path, disk_full))
+        if disk_full is not None:
+            raise DiskFullError(disk_full)
+        self._saved = (step, Path(path))
+        return self._saved[1]
+
+    def restore_training_state(self) -> Path | None:
+        """Put the newest readable checkpoint into the parts, the TrainState and this rank's RNG streams;
+        its path, or None when there is none yet (nothing changed)."""
+        if self.train_state is None:
+            raise ValueError("CheckpointManager was built without a train_state: nothing to restore")
+        found = self.load_latest()
+        if found is None:
+            return None
+        path, state = found
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        self.train_state.load_state_dict(state)
+        rngs, rank = state["rng"], distributed.rank()
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        self._saved = (self.train_state.step, path)
+        return path
+
 
 def _set_aside(path: Path) -> Path:
     """Rename `path` to `path.corrupt` (`.corrupt1`, ... when taken); another rank may have done it."""
@@ -155,78 +255,3 @@ def _set_aside(path: Path) -> Path:
             pass
         return target
     raise CheckpointError(f"cannot set {path} aside: 100 *.corrupt files already exist next to it")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file or Transformers folder as given; a run directory -> its newest checkpoint;
-    a hub name (tue-mps/<repo>, hf://<org>/<repo>) -> its weights in the Hugging Face cache."""
-    if model_zoo.hub_repo(path) is not None:
-        return model_zoo.download(path)
-    path = Path(path)
-    if (path / "checkpoints").is_dir():  # a training run directory
-        latest = CheckpointManager(path / "checkpoints", clean_up=False).latest()
-        if latest is None:
-            raise CheckpointError(f"run directory {path} has no checkpoint yet; train it first")
-        return latest
-    if not path.exists():
-        raise CheckpointError(f"checkpoint={path} does not exist; fix the path")
-    return path
-
-
-def save_training_state(
-    checkpoints: CheckpointManager,
-    *,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    config: dict[str, Any],
-    counters: dict[str, int] | None = None,
-) -> Path:
-    """Write the training state after `step` steps; every rank calls it, rank 0 writes.
-
-    Saved: the bare model's state dict, optimiser, scaler, step, every rank's RNG streams, the
-    resolved config and `counters` (plain ints the loop carries, e.g. skipped steps). The data
-    position is the step: the sampler and the augmentation draws are functions of it. Returns the
-    checkpoint's path on every rank, once it is complete.
-    """
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        **(counters or {}),
-        "rng": distributed.all_gather_object(rng_state()),
-        "config": config,
-    }
-    path, disk_full = None, None
-    if distributed.is_main():
-        try:
-            path = checkpoints.save(state, step)
-        except DiskFullError as e:  # every rank stops with the same line, none waits for the others
-            disk_full = str(e)
-    distributed.barrier()
-    path, disk_full = distributed.broadcast_object((path, disk_full))
-    if disk_full is not None:
-        raise DiskFullError(disk_full)
-    return Path(path)
-
-
-def restore_training_state(
-    state: dict[str, Any],
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-) -> dict[str, Any]:
-    """Put a state that `save_training_state` wrote (as `CheckpointManager.load*` returns it) into the
-    given objects and this rank's RNG streams.
-
-    Returns the checkpoint's plain entries (step and counters) for the loop to continue from.
-    """
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    rngs, rank = state["rng"], distributed.rank()
-    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return {k: v for k, v in state.items() if isinstance(v, int)}

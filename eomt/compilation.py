@@ -55,6 +55,8 @@ class CompileSummary:
     seconds: float = 0.0  # Dynamo + AOT + Inductor time, as Dynamo records it
     per_function: Counter = field(default_factory=Counter)  # "name (file:line)" -> compilations
     at_limit: list[str] = field(default_factory=list)  # functions that reached the recompile limit
+    recompile_limit: int = 0  # Dynamo's (read here: train.py's __main__ must not name torch._dynamo.config,
+    # which cloudpickle cannot pickle when a sweep launcher ships the task function by value)
 
     def line(self) -> str:
         return (
@@ -80,6 +82,7 @@ class CompileStats:
             graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values()) - self._start_breaks,
         )
         limit = torch._dynamo.config.recompile_limit
+        out.recompile_limit = limit
         for record in records:
             out.seconds += record.entire_frame_compile_time_s or 0.0
             if record.co_name is None:  # the backward graph of a frame, compiled at its first backward

@@ -1,6 +1,5 @@
 """The Hydra config: compose it from conf/ outside a Hydra app (API, tests, benchmarks), check it."""
 
-import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -9,31 +8,13 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from eomt import resolvers  # noqa: F401  (the ${workers:N} and ${concat:...} resolvers of conf/)
 from eomt.device import AMP_DTYPES, CPU_PRECISIONS
 from eomt.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: a SLURM allocation, taskset, a container)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def worker_count(at_most: int | str) -> int:
-    """`${workers:8}` in conf/: data-loading workers, at most `at_most`, never more than the CPUs
-    this process may use minus one for the main process (each rank of a node calls it; SLURM's
-    `cpus_per_task` gives each its share)."""
-    return max(0, min(int(at_most), usable_cpus() - 1))
-
-
-if not OmegaConf.has_resolver("workers"):
-    OmegaConf.register_new_resolver("workers", worker_count)
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package (pip install works)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

@@ -32,6 +32,20 @@ class DiskFullError(UserError):
     """A file that could not be written because its device is full (or the quota is used up)."""
 
 
+class MissingPackage(ConfigError):
+    """An optional package (group `export` in pyproject.toml) is not installed."""
+
+
+def require(module: str, purpose: str):
+    """Import an optional module, or raise one line telling what to install."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise MissingPackage(
+            f"{purpose} needs the package {module}: pip install -e '.[export]' (or pip install {module})"
+        ) from None
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Wrap an entry point's work: a UserError (or a missing file) ends it with one line, exit 1.

@@ -220,22 +220,17 @@ def evaluate(
         for callback in callbacks:
             callback(per_point[-1], samples)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with MetricPipeline(depth=2 if pipeline else 0) as metric_work:
-            for samples in tqdm(
-                loader, desc=description, disable=not (progress and distributed.is_main()), dynamic_ncols=True
-            ):
-                inputs = [s.get("input", s["image"]) for s in samples]  # prepared by the loader, or raw
-                per_point = predictor.predict(model, inputs, all_blocks=per_block)
-                if per_block and len(per_point) != len(block_evaluators) + 1:
-                    raise ValueError(
-                        f"the model made {len(per_point)} predictions, expected num_blocks + 1 = {len(block_evaluators) + 1}"
-                    )
-                metric_work.submit(consume, per_point, samples)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), MetricPipeline(depth=2 if pipeline else 0) as metric_work:
+        for samples in tqdm(
+            loader, desc=description, disable=not (progress and distributed.is_main()), dynamic_ncols=True
+        ):
+            inputs = [s.get("input", s["image"]) for s in samples]  # prepared by the loader, or raw
+            per_point = predictor.predict(model, inputs, all_blocks=per_block)
+            if per_block and len(per_point) != len(block_evaluators) + 1:
+                raise ValueError(
+                    f"the model made {len(per_point)} predictions, expected num_blocks + 1 = {len(block_evaluators) + 1}"
+                )
+            metric_work.submit(consume, per_point, samples)
 
     metrics = evaluator.compute()
     if per_block:
@@ -244,17 +239,19 @@ def evaluate(
 
 
 @contextmanager
-def masked_attention(model: nn.Module, enabled: bool):
-    """Run with masked attention on or off (models without it are left alone)."""
-    if not hasattr(model, "masked_attn"):
-        yield
-        return
-    previous = model.masked_attn
-    model.masked_attn = enabled
+def eval_mode(model: nn.Module, masked: bool | None = None) -> Iterator[nn.Module]:
+    """`model` in eval mode and, with `masked` given, masked attention on or off (models without it are
+    left alone); both given back as they were."""
+    was_training, was_masked = model.training, getattr(model, "masked_attn", None)
+    model.eval()
+    if masked is not None and was_masked is not None:
+        model.masked_attn = masked
     try:
-        yield
+        yield model
     finally:
-        model.masked_attn = previous
+        model.train(was_training)
+        if was_masked is not None:
+            model.masked_attn = was_masked
 
 
 @dataclass
@@ -360,7 +357,7 @@ class Evaluation:
         names = self.class_names or getattr(self.dataset, "class_names", None)  # null: the data's own
         overlays = OverlayCollector(self.task, names, self.num_overlays)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            with masked_attention(model, self.masked):
+            with eval_mode(model, masked=self.masked):
                 metrics = evaluate(
                     model,
                     self.loader,
@@ -398,24 +395,19 @@ class Evaluation:
     def forward_cost(self, model: nn.Module) -> dict[str, float]:
         """GFLOPs and images/s of the network alone at batch 1 and the crop size, as the paper reports."""
         images = torch.rand(1, 3, *model.img_size, device=self.device)
-        was_training = model.training
-        model.eval()
-        try:
-            with (
-                masked_attention(model, self.masked),
-                inference_autocast(self.device, self.precision, self.cpu_precision),
-            ):
-                # an exported file's runtime (no parameters here) runs outside PyTorch's FLOP counter
-                has_params = next(model.parameters(), None) is not None
-                gflops = gflops_per_image(model, images) if has_params else None
-                compiled = self.compile_fps and has_params
-                network = compile_for_inference(model) if compiled else model
-                iters = 50 if self.device.type == "cuda" else 3
-                meter = LoadMeter()
-                fps = images_per_second(network, images, iters=iters, warmup=min(iters, 10))
-                conditions = meter.conditions()
-        finally:
-            model.train(was_training)
+        with (
+            eval_mode(model, masked=self.masked),
+            inference_autocast(self.device, self.precision, self.cpu_precision),
+        ):
+            # an exported file's runtime (no parameters here) runs outside PyTorch's FLOP counter
+            has_params = next(model.parameters(), None) is not None
+            gflops = gflops_per_image(model, images) if has_params else None
+            compiled = self.compile_fps and has_params
+            network = compile_for_inference(model) if compiled else model
+            iters = 50 if self.device.type == "cuda" else 3
+            meter = LoadMeter()
+            fps = images_per_second(network, images, iters=iters, warmup=min(iters, 10))
+            conditions = meter.conditions()
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {
             "gflops": gflops,

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,75 +33,17 @@ from torch import Tensor, nn
 from eomt import api
 from eomt.atomic import atomic_open, disk_full_as_one_line
 from eomt.checkpoint_config import compose_for, training_config
-from eomt.checkpointing import resolve_checkpoint, tensor_bytes
+from eomt.checkpointing import tensor_bytes
 from eomt.config import split_key_values
-from eomt.errors import ConfigError, user_errors
+from eomt.errors import ConfigError, require, user_errors
+from eomt.export_metadata import PT2_METADATA_FILE, ExportMetadata
+from eomt.model.size import as_pair
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 INPUT_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
-PT2_METADATA_FILE = "eomt_metadata.json"
 USAGE = (
     "usage: python -m eomt.export checkpoint=<file|run dir> out=<file.onnx|file.pt2> [hydra overrides ...]"
 )
-
-
-class MissingPackage(ConfigError):
-    """An optional package (group `export` in pyproject.toml) is not installed."""
-
-
-def require(module: str, purpose: str):
-    """Import an optional module, or raise one line telling what to install."""
-    try:
-        return __import__(module)
-    except ImportError:
-        raise MissingPackage(
-            f"{purpose} needs the package {module}: pip install -e '.[export]' (or pip install {module})"
-        ) from None
-
-
-@dataclass(frozen=True)
-class ExportMetadata:
-    """What an exported file needs to be run and read without any config."""
-
-    task: str
-    class_names: list[str]
-    thing_classes: list[int]
-    stuff_classes: list[int]
-    img_size: list[int]  # H, W of the network input
-    input_dtype: str  # float32 (in [0,1]) | uint8
-    backbone: str
-    model_name: str
-    config_hash: str  # sha256 of the training run's resolved config (of the export config without one)
-    config_source: str  # checkpoint | export
-
-    def to_strings(self) -> dict[str, str]:
-        """Flat string -> string (ONNX metadata_props); lists as JSON."""
-        return {f"eomt.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_strings(cls, props: Mapping[str, str], source: str | Path) -> ExportMetadata:
-        values = {k.removeprefix("eomt."): v for k, v in props.items() if k.startswith("eomt.")}
-        missing = [f for f in cls.__dataclass_fields__ if f not in values]
-        if missing:
-            raise ConfigError(
-                f"{source} has no EoMT metadata ({', '.join(missing)}): export it with python -m eomt.export"
-            )
-        fields = {}
-        for name, field in cls.__dataclass_fields__.items():
-            fields[name] = values[name] if field.type == "str" else json.loads(values[name])
-        return cls(**fields)
-
-    def check_matches(self, task: str, class_names: Sequence[str], source: str | Path) -> None:
-        """One-line ConfigError when a config's task or classes differ from the file's."""
-        if task != self.task:
-            raise ConfigError(
-                f"{source} is a {self.task} model but task={task}: drop task=... or pick another file"
-            )
-        if list(class_names) != self.class_names:
-            raise ConfigError(
-                f"{source} predicts {len(self.class_names)} classes ({', '.join(self.class_names[:4])}, ...) "
-                f"that differ from the dataset config's {len(class_names)}: drop dataset=... or pick another file"
-            )
 
 
 def config_hash(config: Mapping) -> str:
@@ -112,14 +54,12 @@ def build_metadata(cfg: DictConfig, checkpoint: Path | None, input_dtype: str) -
     run_config = training_config(checkpoint) if checkpoint is not None else None
     thing_classes = [int(c) for c in cfg.dataset.thing_classes]
     num_classes = int(cfg.dataset.num_classes)
-    img_size = cfg.model.img_size
-    img_size = [int(img_size), int(img_size)] if isinstance(img_size, int) else [int(s) for s in img_size]
     return ExportMetadata(
         task=cfg.task.name,
         class_names=[str(n) for n in cfg.dataset.class_names],
         thing_classes=thing_classes,
         stuff_classes=[c for c in range(num_classes) if c not in thing_classes],
-        img_size=img_size,
+        img_size=list(as_pair(cfg.model.img_size)),
         input_dtype=input_dtype,
         backbone=str(cfg.model.backbone),
         model_name=str(cfg.model.name),
@@ -219,7 +159,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
 def main(argv: Sequence[str] | None = None) -> Path:
     with user_errors():
         own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        checkpoint = resolve_checkpoint(own["checkpoint"])
+        checkpoint = api.resolve_checkpoint(own["checkpoint"])
         overrides = [*overrides, "model.masked_attn=false"]
         cfg = compose_for(overrides, own["checkpoint"])  # a run directory's or Transformers' own config
         metadata = build_metadata(cfg, checkpoint, own.get("input_dtype", "float32"))

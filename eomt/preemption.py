@@ -1,8 +1,10 @@
 """Stop cleanly on a scheduler's signal, save, and come back: SLURM time limits and preemption.
 
-The signal handlers only record that a signal arrived. The training loop asks `should_stop()` at
-every step boundary (all ranks agree, because a signal may reach only some of them), writes its
-checkpoint, then calls `finish()`, which asks the scheduler to requeue the job where that applies.
+The signal handlers only record that a signal arrived. The training loop calls `check()` at every
+step boundary (all ranks agree, because a signal may reach only some of them): it raises
+`TrainingStopped`, as `next_batches()` does when the stop comes first or kills the loader's workers.
+The loop catches it once, writes its checkpoint, then calls `finish()`, which asks the scheduler to
+requeue the job where that applies.
 The requeued job runs the same command in the same run directory and `trainer.resume=auto`
 continues from the checkpoint.
 
@@ -40,6 +42,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -73,8 +76,12 @@ _WORKER_DIED = "DataLoader worker"  # how PyTorch's errors about dead workers be
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-def _child_exited(signum: int, frame: FrameType | None) -> None:
-    """SIGCHLD once a stop is pending: nothing to do (`next_batches()` notices dead workers)."""
+class TrainingStopped(Exception):
+    """Every rank agreed to stop (`reason`): the loop saves the last finished step, then `finish()`es."""
+
+    def __init__(self, reason: StopReason):
+        super().__init__(f"training stopped ({reason.name.lower()})")
+        self.reason = reason
 
 
 class PreemptionHandler:
@@ -86,27 +93,20 @@ class PreemptionHandler:
         handler.install()
         try:
             for step in ...:
-                batch = handler.next_batches(batches, accum)   # None: stop before this step
-                if batch is not None:
-                    train_step(batch)
-                if batch is None or handler.should_stop():
-                    path = save_checkpoint()   # all ranks done saving before finish()
-                    handler.finish(path)       # one line, then SystemExit(0 or 130)
+                train_step(handler.next_batches(batches, accum))   # raises TrainingStopped
+                handler.check()                                    # raises TrainingStopped
+        except TrainingStopped:
+            handler.finish(save_checkpoint())   # all ranks done saving; one line, then SystemExit(0 or 130)
         finally:
             handler.uninstall()
 
-    `check_every` > 1 asks the other ranks only every that many calls (one collective per call
-    otherwise); every rank must call `should_stop()` the same number of times.
+    Every rank must call `check()` (or `should_stop()`) the same number of times: one collective each.
     """
 
-    def __init__(self, check_every: int = 1) -> None:
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        self.check_every = check_every
+    def __init__(self) -> None:
         self._received = StopReason.NONE  # written by the signal handler
         self._received_signal: int | None = None
         self._agreed = StopReason.NONE
-        self._calls = 0
         self._previous: dict[int, Handler] = {}
         self._interrupted = False
         self._sigchld: Handler = None  # PyTorch's handler, set aside once a stop is requested
@@ -160,7 +160,7 @@ class PreemptionHandler:
             current = signal.getsignal(signal.SIGCHLD)
             if callable(current):
                 self._sigchld = current
-                signal.signal(signal.SIGCHLD, _child_exited)
+                signal.signal(signal.SIGCHLD, _ignore)  # `next_batches()` notices dead workers
 
     @property
     def stop_requested(self) -> bool:
@@ -169,25 +169,20 @@ class PreemptionHandler:
 
     def killed_by_stop(self, error: BaseException) -> bool:
         """`error` is a DataLoader's report of workers that the stop signal killed (not a real failure)."""
-        return bool(self._received) and str(error).startswith(_WORKER_DIED)
+        return self.stop_requested and str(error).startswith(_WORKER_DIED)
 
     # --- the loop's side ----------------------------------------------------------------------
-    @property
-    def reason(self) -> StopReason:
-        """The reason all ranks agreed on (NONE until `should_stop()` returned True)."""
-        return self._agreed
+    def next_batches(self, batches: Iterator, count: int) -> list:
+        """The next `count` batches for one step; TrainingStopped on every rank when the step must not run.
 
-    def next_batches(self, batches: Iterator, count: int) -> list | None:
-        """The next `count` batches for one step, or None on every rank when the step must not run.
-
-        None when a stop is pending on any rank before its batches are fetched, or when the
+        It is raised when a stop is pending on any rank before its batches are fetched, or when the
         loader's workers died because of the stop signal: the caller saves the state it holds (the
         last finished step) and calls `finish()`. A worker death without a stop request is an error.
         With several ranks this takes one collective per call, so all ranks run the step or none.
         """
         taken: list | None = []
         for _ in range(count):
-            if self._received:
+            if self.stop_requested:
                 taken = None
                 break
             try:
@@ -202,27 +197,49 @@ class PreemptionHandler:
             agreed = StopReason(int(distributed.all_reduce_max(failed)))
             if agreed:
                 self._agree(agreed)
-                return None
         elif taken is None:
             self._agree(self._received)
+        if self._agreed:
+            raise TrainingStopped(self._agreed)
         return taken
+
+    @contextmanager
+    def stop_if_workers_die(self) -> Iterator[None]:
+        """Around other loaders (the evaluation's): their workers killed by the stop signal -> TrainingStopped."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not self.killed_by_stop(e):
+                raise
+            self.check()  # every rank agrees (this one got the signal) and raises
+            raise
 
     def _agree(self, agreed: StopReason) -> None:
         self._agreed = agreed
-        got = signal.Signals(self._received_signal).name if self._received_signal else "another rank's signal"
-        log.warning("stopping at the next checkpoint (%s, %s)", got, agreed.name.lower())
+        log.warning(
+            "stopping at the next checkpoint (%s, %s)",
+            self._signal_name(),
+            agreed.name.lower(),
+        )
+
+    def _signal_name(self) -> str:
+        return (
+            signal.Signals(self._received_signal).name if self._received_signal else "another rank's signal"
+        )
 
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal; call it at each step boundary on every rank."""
         if self._agreed:
             return True
-        self._calls += 1
-        if self._calls % self.check_every:
-            return False
         agreed = StopReason(int(distributed.all_reduce_max(float(self._received))))
         if agreed:
             self._agree(agreed)
         return bool(agreed)
+
+    def check(self) -> None:
+        """`should_stop()` as an exception: TrainingStopped on every rank once any rank got a signal."""
+        if self.should_stop():
+            raise TrainingStopped(self._agreed)
 
     def finish(self, checkpoint: str | Path | None = None) -> None:
         """After the checkpoint is written: requeue where that applies (see module doc), then exit.
@@ -237,14 +254,9 @@ class PreemptionHandler:
             return
         main = distributed.is_main()
         if main:
-            got = (
-                signal.Signals(self._received_signal).name
-                if self._received_signal
-                else "another rank's signal"
-            )
             saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written"
             print(
-                f"stopped by {got}: {saved}; run the same command again to resume from it",
+                f"stopped by {self._signal_name()}: {saved}; run the same command again to resume from it",
                 file=sys.stderr,
                 flush=True,
             )
@@ -280,7 +292,7 @@ def ignore_in_dataloader_worker(worker_id: int) -> None:
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
-    pass
+    """A Python no-op handler (unlike SIG_IGN, a signal already pending when it is set stays harmless)."""
 
 
 def _quiet(handler: Handler) -> Handler:
@@ -302,7 +314,10 @@ def _submitit_signal() -> signal.Signals:
 def _scontrol_requeue() -> None:
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
-        log.warning("%s=1 but SLURM_JOB_ID is not set: not a SLURM job, nothing to requeue", REQUEUE_ENV)
+        log.warning(
+            "%s=1 but SLURM_JOB_ID is not set: not a SLURM job, nothing to requeue",
+            REQUEUE_ENV,
+        )
         return
     try:
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)

@@ -6,8 +6,8 @@ from hydra import initialize_config_dir
 
 import eomt.config
 from eomt import api
+from eomt.export_hf import main as export_main
 from eomt.model import EoMT, load_checkpoint
-from eomt.model.export_hf import main as export_main
 
 TINY = ["model=tiny", "model.img_size=[64,64]", "model.num_queries=7", "model.num_classes=5"]
 

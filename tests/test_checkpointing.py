@@ -9,14 +9,7 @@ import pytest
 import torch
 
 from eomt.atomic import write_json
-from eomt.checkpointing import (
-    CheckpointManager,
-    atomic_save,
-    restore_training_state,
-    rng_state,
-    save_training_state,
-    set_rng_state,
-)
+from eomt.checkpointing import CheckpointManager, TrainState, atomic_save, rng_state, set_rng_state
 from eomt.errors import CheckpointError, DiskFullError, user_errors
 
 
@@ -126,30 +119,50 @@ def test_training_state_round_trips_with_the_rng_streams(tmp_path):
         return model, optimizer, torch.amp.GradScaler(enabled=False)
 
     model, optimizer, scaler = parts(0)
-    manager = CheckpointManager(tmp_path)
-    path = save_training_state(
-        manager,
-        step=7,
-        model=model,
-        optimizer=optimizer,
-        scaler=scaler,
+    manager = CheckpointManager(
+        tmp_path,
+        train_state=TrainState(step=7, skipped_steps=2),
+        parts={"model": model, "optimizer": optimizer, "scaler": scaler},
         config={"a": 1},
-        counters={"skipped": 2},
     )
+    path = manager.save_training_state(7)
     assert path == manager.latest()
     expected_draw = torch.rand(3)
 
     fresh_model, fresh_optimizer, fresh_scaler = parts(1)
-    state = restore_training_state(
-        CheckpointManager.load(path), model=fresh_model, optimizer=fresh_optimizer, scaler=fresh_scaler
+    fresh_state = TrainState()
+    fresh = CheckpointManager(
+        tmp_path,
+        train_state=fresh_state,
+        parts={"model": fresh_model, "optimizer": fresh_optimizer, "scaler": fresh_scaler},
     )
-    assert state == {"step": 7, "skipped": 2}
+    assert fresh.restore_training_state() == path
+    assert fresh_state.state_dict() == {"step": 7, "skipped_steps": 2}
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the saved run was
     for key, value in model.state_dict().items():
         assert torch.equal(fresh_model.state_dict()[key], value)
     moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
     restored = [s["exp_avg"] for s in fresh_optimizer.state_dict()["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(moments, restored, strict=True))
+
+
+def test_the_manager_saves_on_its_cadence_and_each_step_once(tmp_path, monkeypatch):
+    state = TrainState()
+    manager = CheckpointManager(tmp_path, keep_last=5, every_steps=3, train_state=state, config={})
+    writes = []
+    real_save = manager.save
+    monkeypatch.setattr(
+        manager, "save", lambda content, step: writes.append(step) or real_save(content, step)
+    )
+    for step in range(1, 8):
+        state.step = step
+        manager.maybe_save(step, last=step == 7)
+    assert writes == [3, 6, 7]  # every 3 steps and the last
+    assert manager.save_training_state(7) == tmp_path / "step_00000007.pt"
+    assert writes == [3, 6, 7]  # step 7 is saved already: not written again
+    assert torch.load(manager.latest(), weights_only=True)["step"] == 7
+    assert CheckpointManager(tmp_path, train_state=TrainState()).restore_training_state() == manager.latest()
+    assert CheckpointManager(tmp_path / "empty", train_state=TrainState()).restore_training_state() is None
 
 
 class _FullDisk:

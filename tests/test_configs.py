@@ -7,12 +7,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from eomt.config import compose
+from eomt.config import CONF_DIR, compose
 from eomt.data import build_dataset
 from eomt.evaluation import build_evaluation
 from eomt.model import build_model
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 EXPECTED = {  # preset -> (model, dataset, task, num_classes, crop)
     "coco_panoptic_vit_l_640": ("vit_l", "coco", "panoptic", 133, [640, 640]),
     "coco_instance_vit_l_1280": ("vit_l", "coco", "instance", 80, [1280, 1280]),
@@ -102,12 +102,14 @@ def test_the_users_command_without_data_says_which_file_to_get(tmp_path):
 
 
 def test_worker_counts_default_to_what_the_machine_has(monkeypatch):
-    from eomt import config
+    from eomt import config, resolvers
 
-    monkeypatch.setattr(config, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(resolvers, "usable_cpus", lambda: 2)
     cfg = config.compose(["experiment=demo", "trainer.num_workers=${workers:8}"])
-    assert cfg.trainer.num_workers == 1 and config.worker_count(4) == 1  # 2 CPUs: 1 worker + the main process
-    monkeypatch.setattr(config, "usable_cpus", lambda: 64)
+    assert (
+        cfg.trainer.num_workers == 1 and resolvers.worker_count(4) == 1
+    )  # 2 CPUs: 1 worker + the main process
+    monkeypatch.setattr(resolvers, "usable_cpus", lambda: 64)
     assert config.compose([]).trainer.num_workers == 8 and config.compose([]).eval.num_workers == 4
-    monkeypatch.setattr(config, "usable_cpus", lambda: 1)
-    assert config.worker_count(8) == 0
+    monkeypatch.setattr(resolvers, "usable_cpus", lambda: 1)
+    assert resolvers.worker_count(8) == 0

@@ -198,7 +198,7 @@ def test_batch_without_targets_is_all_no_object():
 def test_mask_terms_are_divided_by_the_mask_count_averaged_over_ranks(monkeypatch):
     reduced = []
 
-    def fake_all_reduce(tensor):  # another rank holds 7 target masks
+    def fake_all_reduce(tensor, op=None):  # another rank holds 7 target masks
         reduced.append(float(tensor))
         tensor += 7
 

@@ -11,11 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
+from eomt.config import CONF_DIR
 from eomt.data import build_dataset, check_task, collate_eval, collate_train
 from eomt.data.sampler import ResumableSampler
 from eomt.data.synthetic import ensure_generated, main
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 SUPPORTED = {
     "coco": {"panoptic", "instance"},
     "ade20k": {"semantic", "panoptic"},
@@ -40,7 +41,7 @@ def compose_data(tmp_path, monkeypatch):
     primary = tmp_path / "primary"
     primary.mkdir()
     (primary / "data_only.yaml").write_text(
-        f"defaults:\n  - dataset: synthetic\n  - _self_\nhydra:\n  searchpath:\n    - file://{CONF}\n"
+        f"defaults:\n  - paths: default\n  - dataset: synthetic\n  - _self_\nhydra:\n  searchpath:\n    - file://{CONF}\n"
     )
     with initialize_config_dir(config_dir=str(primary), version_base=None):
         yield lambda *overrides: compose("data_only", overrides=list(overrides))

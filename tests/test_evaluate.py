@@ -12,8 +12,8 @@ import train
 from eomt.config import compose
 from eomt.data.synthetic import generate
 from eomt.errors import CheckpointError, ConfigError
+from eomt.export_hf import export_hf
 from eomt.model import build_model
-from eomt.model.export_hf import export_hf
 
 FAST_EVAL = ["eval.num_workers=0", "eval.batch_size=2", "trainer.device=cpu", "eval.num_overlays=2"]
 

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from eomt.config import compose
-from eomt.errors import ConfigError
-from eomt.export import ExportMetadata, MissingPackage, config_hash, export, main, require
+from eomt.errors import ConfigError, MissingPackage, require
+from eomt.export import config_hash, export, main
+from eomt.export_metadata import ExportMetadata
 from eomt.inference import PanopticPredictor, SemanticPredictor
 from eomt.inference.runtime import OnnxRuntimeNetwork, OpenVinoNetwork, TorchExportNetwork
 from eomt.model import EoMT, build_model

@@ -2,13 +2,12 @@
 
 import fnmatch
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from eomt.config import compose
+from eomt.config import CONF_DIR, compose
 from eomt.model import build_model
 from eomt.model.mask2former import (
     DirectFeatures,
@@ -23,7 +22,7 @@ from eomt.model.mask2former import (
 from eomt.model.mask2former.deformable_attention import flatten_levels, reference_points
 from eomt.training import param_groups
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 SIZE = 64
 NUM_CLASSES = 5
 NUM_QUERIES = 8

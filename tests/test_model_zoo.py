@@ -13,10 +13,10 @@ from conftest import authors_release_state
 from omegaconf import OmegaConf
 
 from eomt import api, model_zoo
-from eomt.config import compose
+from eomt.config import CONF_DIR, compose
 from eomt.errors import CheckpointError
+from eomt.export_hf import export_hf
 from eomt.model import build_model
-from eomt.model.export_hf import export_hf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["experiment=demo"]
@@ -97,7 +97,7 @@ def test_every_release_names_a_preset_of_its_dataset_and_task():
     """Read from the preset files (composing all of them is slow): dataset, task and backbone family."""
     for release in model_zoo.RELEASES.values():
         overrides = dict(o.split("=") for o in release.preset)
-        experiment = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / f"{overrides['experiment']}.yaml")
+        experiment = OmegaConf.load(CONF_DIR / "experiment" / f"{overrides['experiment']}.yaml")
         groups = {k.removeprefix("override /"): v for d in experiment.defaults for k, v in d.items()}
         groups.update({k: v for k, v in overrides.items() if k != "experiment"})
         dataset = "ade" if groups["dataset"] == "ade20k" else groups["dataset"]

@@ -15,9 +15,24 @@ import torch
 import torch.multiprocessing as mp
 
 from eomt import distributed
-from eomt.preemption import REQUEUE_ENV, PreemptionHandler, StopReason, ignore_in_dataloader_worker
+from eomt.preemption import (
+    REQUEUE_ENV,
+    PreemptionHandler,
+    StopReason,
+    TrainingStopped,
+    ignore_in_dataloader_worker,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def agreed_reason(handler: PreemptionHandler) -> StopReason:
+    """The reason all ranks agreed to stop for, as the loop sees it in `check()` (NONE: no stop)."""
+    try:
+        handler.check()
+    except TrainingStopped as stop:
+        return stop.reason
+    return StopReason.NONE
 
 
 @pytest.fixture
@@ -47,7 +62,7 @@ def test_signals_only_set_a_flag_until_the_step_boundary(handler):
     assert not handler.should_stop()
     signal.raise_signal(signal.SIGUSR2)  # would kill the process without the handler
     assert handler.should_stop()
-    assert handler.reason == StopReason.REQUEUE
+    assert agreed_reason(handler) == StopReason.REQUEUE
     assert handler.should_stop()  # stays decided
 
 
@@ -55,7 +70,7 @@ def test_sigterm_stops_without_asking_for_requeue(handler, fake_scontrol, monkey
     monkeypatch.setenv(REQUEUE_ENV, "1")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     signal.raise_signal(signal.SIGTERM)
-    assert handler.should_stop() and handler.reason == StopReason.STOP
+    assert agreed_reason(handler) == StopReason.STOP
     with pytest.raises(SystemExit) as exit_info:
         handler.finish("ckpt/step_00000007.pt")
     assert exit_info.value.code == 0
@@ -133,7 +148,7 @@ def test_inside_submitit_sigterm_ends_without_requeue(monkeypatch):
 
 def test_first_ctrl_c_stops_at_the_boundary_with_130_and_a_second_aborts(handler, capsys):
     signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: only a flag
-    assert handler.should_stop() and handler.reason == StopReason.INTERRUPT
+    assert agreed_reason(handler) == StopReason.INTERRUPT
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)
     with pytest.raises(SystemExit) as exit_info:
@@ -163,16 +178,18 @@ def test_next_batches_fetches_nothing_once_a_stop_is_pending(handler):
     batches = _Batches()
     assert handler.next_batches(batches, 2) == [1, 2]
     signal.raise_signal(signal.SIGTERM)
-    assert handler.next_batches(batches, 2) is None
+    with pytest.raises(TrainingStopped) as stop:
+        handler.next_batches(batches, 2)
     assert batches.calls == 2  # the workers may be dead: not asked again
-    assert handler.reason == StopReason.STOP  # agreed: the loop saves and finishes
+    assert stop.value.reason == StopReason.STOP  # agreed: the loop saves and finishes
 
 
 def test_next_batches_turns_dead_workers_into_a_stop_only_after_a_signal(handler):
     with pytest.raises(RuntimeError, match="DataLoader worker"):
         handler.next_batches(_Batches(fail=True), 1)  # no signal: a real failure
     handler._received, handler._received_signal = StopReason.STOP, signal.SIGTERM  # arrived mid-fetch
-    assert handler.next_batches(_Batches(fail=True), 1) is None
+    with pytest.raises(TrainingStopped):
+        handler.next_batches(_Batches(fail=True), 1)
 
 
 def test_a_stop_sets_aside_pytorchs_worker_death_handler(handler):
@@ -213,24 +230,25 @@ def _rank_loop(rank: int, port: int, out: str) -> None:
     )
     distributed.init("cpu")
     stopped_at = {}
-    for check_every in (1, 2):
-        handler = PreemptionHandler(check_every=check_every)
-        handler.install()
-        for step in range(1, 20):
-            if rank == 1 and step == 3:
-                signal.raise_signal(signal.SIGUSR2)  # only rank 1 is told, like submitit's rank-0-only USR2
-            if handler.should_stop():
-                stopped_at[check_every] = (step, int(handler.reason))
-                break
-        handler.uninstall()
+    handler = PreemptionHandler()
+    handler.install()
+    for step in range(1, 20):
+        if rank == 1 and step == 3:
+            signal.raise_signal(signal.SIGUSR2)  # only rank 1 is told, like submitit's rank-0-only USR2
+        if reason := agreed_reason(handler):
+            stopped_at["check"] = (step, int(reason))
+            break
+    handler.uninstall()
     # A stop that reaches rank 0 while it fetches: no rank runs the step (its collectives would hang).
     handler = PreemptionHandler()
     handler.install()
     fetched = [handler.next_batches(iter(range(10)), 2)]
     if rank == 0:
         signal.raise_signal(signal.SIGTERM)
-    fetched.append(handler.next_batches(iter(range(10)), 2))
-    stopped_at["next_batches"] = [fetched, int(handler.reason)]
+    try:
+        fetched.append(handler.next_batches(iter(range(10)), 2))
+    except TrainingStopped as stop:
+        stopped_at["next_batches"] = [[*fetched, None], int(stop.reason)]
     handler.uninstall()
     distributed.cleanup()
     Path(out, f"rank{rank}.json").write_text(json.dumps(stopped_at))
@@ -242,8 +260,7 @@ def test_all_ranks_stop_at_the_same_step_when_one_rank_gets_the_signal(tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1]
     assert results[0] == {
-        "1": [3, int(StopReason.REQUEUE)],
-        "2": [4, int(StopReason.REQUEUE)],
+        "check": [3, int(StopReason.REQUEUE)],
         "next_batches": [[[0, 1], None], int(StopReason.STOP)],
     }
 
@@ -535,7 +552,7 @@ def test_submitit_signals_that_only_log_are_ignored_silently(monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)  # submitit's choice stays: the process keeps running
         os.kill(os.getpid(), signal.SIGCONT)
         assert logged == []
-        assert handler.reason == StopReason.NONE
+        assert agreed_reason(handler) == StopReason.NONE
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)

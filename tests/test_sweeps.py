@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eomt import report
+from eomt.config import CONF_DIR
 from eomt.tb_hparams import sweep_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = CONF_DIR
 
 # sweep -> {run sub-directory: the values that job must have}. For the sweeps that only change
 # values (not the model group), a job may differ from the plain config in these keys only.

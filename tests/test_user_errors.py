@@ -140,7 +140,7 @@ def test_export_hf_with_an_unreadable_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(bytes(range(256)) * 8)
     done = run_entry(
-        ["-m", "eomt.model.export_hf", "--checkpoint", str(bad), "--out", str(tmp_path / "hf"), "model=tiny"]
+        ["-m", "eomt.export_hf", "--checkpoint", str(bad), "--out", str(tmp_path / "hf"), "model=tiny"]
     )
     assert_one_line(done, f"{bad} is unreadable or not a PyTorch checkpoint")
 

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from eomt.data.base import Archive, SegmentationDataset, check_matches
+from eomt.data.base import Archive, check_matches
 from eomt.data.decode import read_image
-from eomt.data.panoptic_json import PanopticJson, PanopticJsonDataset, SemanticFromPanoptic, check_class_names
+from eomt.data.panoptic_json import (
+    JsonCategoriesDataset,
+    PanopticJson,
+    PanopticJsonDataset,
+    SemanticFromPanoptic,
+)
 from eomt.data.targets import empty_masks, instance_fields
 from eomt.data.zipreader import ZipReader
 
@@ -81,7 +84,7 @@ def _instance_rle(segmentation: list | dict, height: int, width: int) -> dict:
     return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
 
 
-class CocoInstance(SegmentationDataset):
+class CocoInstance(JsonCategoriesDataset):
     """COCO instance segmentation: 80 thing classes from instances_{split}2017.json.
 
     `skip_empty`: leave out images without any annotation (crowd ones count; `eomt.data.empty`).
@@ -93,18 +96,6 @@ class CocoInstance(SegmentationDataset):
     images: ZipReader
     annotations_zip: ZipReader
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str,
-        transform: Callable[[dict], dict] | None = None,
-        on_corrupt: str = "skip",
-        class_names: Sequence[str] | None = None,
-        skip_empty: bool = False,
-    ):
-        self.configured_class_names = class_names
-        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
-
     def index(self) -> list[dict]:
         json_name = f"annotations/instances_{self.split}.json"
         data = _read_json(self.annotations_zip, json_name)
@@ -112,7 +103,7 @@ class CocoInstance(SegmentationDataset):
         self.category_ids = {int(c["id"]): i for i, c in enumerate(categories)}
         self.class_names = [c["name"] for c in categories]
         self.thing_classes = list(range(len(categories)))
-        check_class_names(self.name, json_name, self.class_names, self.configured_class_names)
+        self.check_class_names(json_name)
         return self._index(data, json_name, f"{self.split}/")
 
     def empty(self, records: list[dict]) -> list[bool]:

@@ -28,14 +28,31 @@ def things_first(categories: Sequence[dict]) -> tuple[dict[int, int], list[str],
     return mapping, [c["name"] for c in ordered], [i for i, c in enumerate(ordered) if c.get("isthing", 1)]
 
 
-def check_class_names(dataset: str, source: str, found: list[str], expected: Sequence[str] | None) -> None:
-    """The config's class names must be the annotations' categories, in contiguous order."""
-    if expected is not None and list(expected) != found:
-        raise DataError(
-            f"{dataset}: the categories of {source} ({len(found)}: {', '.join(found[:6])}"
-            f"{', ...' if len(found) > 6 else ''}) differ from the configured class_names "
-            f"({len(expected)}: {', '.join(list(expected)[:6])}{', ...' if len(expected) > 6 else ''})"
-        )
+class JsonCategoriesDataset(SegmentationDataset):
+    """A dataset whose classes are the categories of its annotation JSON: `class_names` (the config's, or
+    None) must be those categories in contiguous order; `index()` sets `self.class_names` and calls
+    `check_class_names(source)`."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable[[dict], dict] | None = None,
+        on_corrupt: str = "skip",
+        class_names: Sequence[str] | None = None,
+        skip_empty: bool = False,
+    ):
+        self.configured_class_names = class_names
+        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
+
+    def check_class_names(self, source: str) -> None:
+        found, expected = self.class_names, self.configured_class_names
+        if expected is not None and list(expected) != found:
+            raise DataError(
+                f"{self.name}: the categories of {source} ({len(found)}: {', '.join(found[:6])}"
+                f"{', ...' if len(found) > 6 else ''}) differ from the configured class_names "
+                f"({len(expected)}: {', '.join(list(expected)[:6])}{', ...' if len(expected) > 6 else ''})"
+            )
 
 
 class PanopticJson(NamedTuple):
@@ -100,7 +117,7 @@ def index_panoptic_json(dataset: str, panoptic: PanopticJson, mapping: dict[int,
     return records
 
 
-class PanopticJsonDataset(SegmentationDataset):
+class PanopticJsonDataset(JsonCategoriesDataset):
     """Panoptic samples from a COCO-panoptic-format JSON plus its PNGs: subclasses implement `read_json()`.
 
     `class_names`: the configured names, which must be the JSON's categories (things first).
@@ -109,18 +126,6 @@ class PanopticJsonDataset(SegmentationDataset):
 
     images: Store
     masks: Store
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str,
-        transform: Callable[[dict], dict] | None = None,
-        on_corrupt: str = "skip",
-        class_names: Sequence[str] | None = None,
-        skip_empty: bool = False,
-    ):
-        self.configured_class_names = class_names
-        super().__init__(root, split, transform=transform, on_corrupt=on_corrupt, skip_empty=skip_empty)
 
     def read_json(self) -> PanopticJson:
         raise NotImplementedError
@@ -131,7 +136,7 @@ class PanopticJsonDataset(SegmentationDataset):
         self.category_ids, self.class_names, self.thing_classes = things_first(
             found.annotations["categories"]
         )
-        check_class_names(self.name, found.source, self.class_names, self.configured_class_names)
+        self.check_class_names(found.source)
         return index_panoptic_json(self.name, found, self.category_ids)
 
     def empty(self, records: list[dict]) -> list[bool]:

@@ -23,6 +23,7 @@ Prediction formats (tensors on the model's device):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ from eomt.inference.resize import (
     sliding_windows,
     unletterbox,
 )
+from eomt.model.size import as_pair
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -56,8 +58,7 @@ def _crop_of(model: nn.Module) -> tuple[int, int]:
         raise AttributeError(
             f"{type(model).__name__} has no img_size: pass the bare (or compiled) EoMT, not a DDP wrapper"
         )
-    size = model.img_size
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return as_pair(model.img_size)
 
 
 Input = NetworkInput | torch.Tensor  # prepared, or a raw uint8 image (3,H,W)
@@ -133,6 +134,23 @@ class LetterboxPredictor(Predictor):
     def prepare(self, image: torch.Tensor, crop: Sequence[int]) -> NetworkInput:
         return letterbox(image, crop)
 
+    def _predict(self, model, boxes, all_blocks):
+        batch = self._batch(model, boxes)
+        outputs = []
+        for mask_logits, class_logits in self._forward(model, batch, all_blocks):
+            shared = self._shared(class_logits)
+            images = zip(mask_logits, class_logits, boxes, strict=True)
+            outputs.append([self._image(masks, classes, box, shared) for masks, classes, box in images])
+        return outputs
+
+    def _shared(self, class_logits: torch.Tensor) -> Any:
+        """What every image of one prediction point uses (computed once per point)."""
+        return None
+
+    def _image(self, masks: torch.Tensor, classes: torch.Tensor, box: NetworkInput, shared: Any) -> dict:
+        """One image's prediction from its (Q,h,w) mask and (Q,C+1) class logits."""
+        raise NotImplementedError
+
 
 class PanopticPredictor(LetterboxPredictor):
     """Letterbox inference + Mask2Former's panoptic rule (`eomt.inference.postprocess`)."""
@@ -150,24 +168,19 @@ class PanopticPredictor(LetterboxPredictor):
         self.score_threshold = score_threshold
         self.overlap_threshold = overlap_threshold
 
-    def _predict(self, model, boxes, all_blocks):
-        batch = self._batch(model, boxes)
-        outputs = []
-        for mask_logits, class_logits in self._forward(model, batch, all_blocks):
-            num_classes = class_logits.shape[-1] - 1
-            if self.thing_classes and max(self.thing_classes) >= num_classes:
-                raise ValueError(
-                    f"thing_classes go up to {max(self.thing_classes)} but the model has {num_classes} classes"
-                )
-            is_thing = thing_mask(num_classes, self.thing_classes, class_logits.device)
-            predictions = []
-            for image_masks, image_classes, box in zip(mask_logits, class_logits, boxes, strict=True):
-                kept, scores, labels = panoptic_keep(image_classes, self.score_threshold)
-                masks = unletterbox(image_masks[kept].float(), box)  # only kept queries are upsampled
-                id_map, segments = panoptic_segments(masks, scores, labels, is_thing, self.overlap_threshold)
-                predictions.append({"id_map": id_map, "segments": segments})
-            outputs.append(predictions)
-        return outputs
+    def _shared(self, class_logits):
+        num_classes = class_logits.shape[-1] - 1
+        if self.thing_classes and max(self.thing_classes) >= num_classes:
+            raise ValueError(
+                f"thing_classes go up to {max(self.thing_classes)} but the model has {num_classes} classes"
+            )
+        return thing_mask(num_classes, self.thing_classes, class_logits.device)
+
+    def _image(self, masks, classes, box, is_thing):
+        kept, scores, labels = panoptic_keep(classes, self.score_threshold)
+        masks = unletterbox(masks[kept].float(), box)  # only kept queries are upsampled
+        id_map, segments = panoptic_segments(masks, scores, labels, is_thing, self.overlap_threshold)
+        return {"id_map": id_map, "segments": segments}
 
 
 class InstancePredictor(LetterboxPredictor):
@@ -177,20 +190,13 @@ class InstancePredictor(LetterboxPredictor):
         super().__init__(precision, cpu_precision)
         self.topk = topk
 
-    def _predict(self, model, boxes, all_blocks):
-        batch = self._batch(model, boxes)
-        outputs = []
-        for mask_logits, class_logits in self._forward(model, batch, all_blocks):
-            predictions = []
-            for image_masks, image_classes, box in zip(mask_logits, class_logits, boxes, strict=True):
-                queries, labels, class_probs = instance_topk(image_classes, self.topk)
-                masks, scores, boxes = instance_masks_letterboxed(image_masks, queries, class_probs, box)
-                prediction = {"masks": masks, "labels": labels, "scores": scores}
-                if boxes is not None:  # where each mask's pixels lie: RLE encoding reads only there
-                    prediction["boxes"] = boxes
-                predictions.append(prediction)
-            outputs.append(predictions)
-        return outputs
+    def _image(self, masks, classes, box, shared):
+        queries, labels, class_probs = instance_topk(classes, self.topk)
+        masks, scores, mask_boxes = instance_masks_letterboxed(masks, queries, class_probs, box)
+        prediction = {"masks": masks, "labels": labels, "scores": scores}
+        if mask_boxes is not None:  # where each mask's pixels lie: RLE encoding reads only there
+            prediction["boxes"] = mask_boxes
+        return prediction
 
 
 class SemanticPredictor(Predictor):

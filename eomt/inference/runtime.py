@@ -1,7 +1,7 @@
 """Exported networks (eomt.export) behind the network contract the predictors use.
 
 A runtime network maps images float (B,3,H,W) in [0,1] to ([mask_logits (B,Q,H/4,W/4)],
-[class_logits (B,Q,C+1)]) and has `img_size` and `metadata` (`eomt.export.ExportMetadata`), so the
+[class_logits (B,Q,C+1)]) and has `img_size` and `metadata` (`eomt.export_metadata.ExportMetadata`), so the
 predictors run it exactly like the PyTorch EoMT: same letterbox / sliding windows, same post-processing.
 
 - `onnxruntime`: an .onnx file in ONNX Runtime, on the CUDA execution provider (device=cuda, or device=auto
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from eomt.errors import ConfigError, UserError
-from eomt.export import PT2_METADATA_FILE, ExportMetadata, require
+from eomt.errors import ConfigError, UserError, require
+from eomt.export_metadata import PT2_METADATA_FILE, ExportMetadata
 
 # ONNX Runtime graph optimisation levels by name (bench/forward.py --ort-opt).
 ORT_OPTIMIZATION = {"disable": 0, "basic": 1, "extended": 2, "all": 99}

@@ -11,13 +11,7 @@ from torch import Tensor, nn
 
 from eomt.model.backbone import BackboneRunner, create_backbone
 from eomt.model.heads import mask_mlp, upscale
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
+from eomt.model.size import as_pair
 
 
 class EoMT(nn.Module):
@@ -44,7 +38,7 @@ class EoMT(nn.Module):
         num_upscale_blocks: int | None = None,
     ):
         super().__init__()
-        self.img_size = _pair(img_size)
+        self.img_size = as_pair(img_size)
         if any(side % patch_size for side in self.img_size):
             raise ValueError(
                 f"model.img_size={list(self.img_size)} must be a multiple of model.patch_size={patch_size}"

@@ -3,10 +3,10 @@
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eomt import distributed
 from eomt.errors import ConfigError
 from eomt.training.matcher import HungarianMatcher
 from eomt.training.point_sampling import PointDraw, point_sample, uncertain_point_coords, uniform_points
@@ -31,11 +31,8 @@ def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _num_masks_across_ranks(num_masks: int, device: torch.device) -> Tensor:
-    total = torch.tensor(float(num_masks), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        total = total / dist.get_world_size()
-    return total.clamp(min=1.0)
+    total = distributed.all_reduce_sum_(torch.tensor(float(num_masks), device=device))
+    return (total / distributed.world_size()).clamp(min=1.0)
 
 
 MATCHING_POINTS = ("per_prediction", "shared")

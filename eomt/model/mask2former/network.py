@@ -26,6 +26,7 @@ from eomt.model.mask2former.pixel_decoder import (
 )
 from eomt.model.mask2former.transformer_decoder import MaskedTransformerDecoder
 from eomt.model.mask2former.vit_adapter import ViTAdapter
+from eomt.model.size import as_pair
 
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)  # 1/4, 1/8, 1/16, 1/32 from the 1/16 patch grid
 SINGLE_SCALE = (1.0,)
@@ -64,7 +65,7 @@ class Mask2FormerViT(nn.Module):
             raise ValueError(
                 "multi_scale=false needs adapter=false and pixel_decoder=false (steps 0-3 remove them first)"
             )
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = as_pair(img_size)
         if multi_scale and any(s % 32 for s in self.img_size):
             raise ValueError(f"multi-scale features need an image size divisible by 32, got {self.img_size}")
         self.num_classes = num_classes

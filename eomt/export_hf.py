@@ -2,7 +2,7 @@
 `EomtForUniversalSegmentation.from_pretrained` (DINOv2 backbones) or
 `EomtDinov3ForUniversalSegmentation.from_pretrained` (DINOv3 backbones, the `_qkvb` timm variants).
 
-    python -m eomt.model.export_hf --checkpoint outputs/run/last.pt --out hf_model model=vit_l dataset=coco
+    python -m eomt.export_hf --checkpoint outputs/run/last.pt --out hf_model model=vit_l dataset=coco
 
 Transformers' EoMT takes square inputs and normalised pixels (its image processor normalises).
 """
@@ -19,6 +19,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from eomt.api import load
 from eomt.errors import user_errors
 from eomt.model.eomt import EoMT
 from eomt.model.weight_formats import HF_EOMT_DINOV3, HF_EOMT_MLP, HF_EOMT_SWIGLU, Layout
@@ -150,8 +151,6 @@ def export_hf(model: EoMT, out_dir: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from eomt.api import load
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -4,8 +4,8 @@ import transformers
 from conftest import HF_DIMS, authors_release_state
 from safetensors.torch import save_file
 
+from eomt.export_hf import export_hf
 from eomt.model import CheckpointError, EoMT, load_checkpoint, read_checkpoint
-from eomt.model.export_hf import export_hf
 from eomt.model.weight_formats import AUTHORS_DINOV3_DELTA
 
 LAYER_SCALE_NAMES = {"gamma", "gamma_1", "gamma_2", "lambda1"}
