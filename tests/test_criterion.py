@@ -233,3 +233,23 @@ def test_bad_inputs_are_named():
         make_loss(RecordingDraw())(mask_logits, class_logits[:1], targets)
     with pytest.raises(ValueError, match="loss.matching_points='per_block'"):
         make_loss(RecordingDraw(), matching_points="per_block")
+
+
+def test_class_ids_are_exchangeable():
+    """No class id is special (0 as padding, say): renaming the classes, in the targets and in the
+    class logits' columns alike, leaves the loss and every term as they were."""
+    mask_logits, class_logits, targets = random_batch([3, 0, 2, 4], num_blocks=2)
+    assert any(0 in t["labels"] for t in targets)
+    rename = torch.tensor([2, 0, 3, 1])  # class c becomes rename[c]; "no object" stays last
+    renamed_logits = []
+    for logits in class_logits:
+        renamed = logits.clone()
+        renamed[..., rename] = logits[..., :NUM_CLASSES]
+        renamed_logits.append(renamed)
+    renamed_targets = [{"masks": t["masks"], "labels": rename[t["labels"]]} for t in targets]
+
+    total, logs = make_loss(RecordingDraw())(mask_logits, class_logits, targets)
+    renamed_total, renamed_logs = make_loss(RecordingDraw())(mask_logits, renamed_logits, renamed_targets)
+    torch.testing.assert_close(renamed_total, total)
+    for name, value in logs.items():
+        torch.testing.assert_close(renamed_logs[name], value)

@@ -42,3 +42,18 @@ def test_augmentation_draws_depend_on_sample_not_on_call_order():
     before = torch.get_rng_state()
     data[(3, 0)]
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_run_draws_every_image_once_per_epoch_in_a_new_order():
+    """The batches' composition over a run: E epochs show every image E times, reshuffled each epoch
+    (the release's shuffling DataLoader does the same), and each view of an image is a new draw."""
+    sampler = ResumableSampler(RandomDraws(), num_replicas=1, rank=0, seed=0, batch_size=4)
+    data = SeededSamples(RandomDraws(), seed=0)
+    orders, draws = [], set()
+    for epoch in range(6):
+        sampler.set_position(epoch, 0)
+        orders.append([index for index, _ in sampler])
+        draws.update(data[key][1] for key in sampler)
+    assert all(sorted(order) == list(range(20)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 6
+    assert len(draws) == 6 * 20
