@@ -21,15 +21,14 @@ at inference.
 """
 
 import argparse
-import copy
 import json
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from release_network import release_network
 from torch import nn
 
 from eomt.compilation import compile_for_inference
@@ -79,29 +78,6 @@ def parse_args() -> argparse.Namespace:
         "--profile", action="store_true", help="print each PyTorch runtime's top operators (torch.profiler)"
     )
     return parser.parse_intermixed_args()
-
-
-def release_network(reference: Path, model: nn.Module, cfg) -> nn.Module:
-    """The authors' EoMT (from `reference`/models) holding `model`'s weights."""
-    sys.path.insert(0, str(reference))
-    from models.eomt import EoMT as ReleaseEoMT
-    from models.vit import ViT
-
-    encoder = ViT(
-        img_size=tuple(model.img_size),
-        patch_size=int(cfg.model.patch_size),
-        backbone_name=cfg.model.backbone,
-        ckpt_path="unused",  # a path: no download of pretrained weights
-    )
-    encoder.backbone = copy.deepcopy(model.backbone)  # the same timm module (with any backbone_kwargs)
-    network = ReleaseEoMT(
-        encoder, model.num_classes, model.num_queries, model.num_blocks, masked_attn_enabled=model.masked_attn
-    )
-    state = {("encoder." + k if k.startswith("backbone.") else k): v for k, v in model.state_dict().items()}
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"encoder.pixel_mean", "encoder.pixel_std"}:
-        raise RuntimeError(f"release network does not take our weights: {missing} {unexpected}")
-    return network.to(next(model.parameters()).device).eval()
 
 
 def under_autocast(network: Callable, device: torch.device, dtype: str) -> Callable:

@@ -26,15 +26,14 @@ of the per-round ratios to the first runtime.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from release_network import release_network
 from torch import nn
 
 from eomt.compilation import CompileStats, CompileSummary, compile_for_training
@@ -72,31 +71,6 @@ class _ReleaseModule(nn.Module):
         return self.network(images)
 
 
-def release_network(reference: Path, model: nn.Module, cfg) -> nn.Module:
-    """The authors' EoMT (from `reference`/models) holding `model`'s weights, in training mode."""
-    sys.path.insert(0, str(reference))
-    from models.eomt import EoMT as ReleaseEoMT
-    from models.vit import ViT
-
-    encoder = ViT(
-        img_size=tuple(model.img_size),
-        patch_size=int(cfg.model.patch_size),
-        backbone_name=cfg.model.backbone,
-        ckpt_path="unused",  # a path: no download of pretrained weights
-    )
-    encoder.backbone = copy.deepcopy(
-        model.backbone
-    )  # the same parameter names: the release reads its children
-    network = ReleaseEoMT(
-        encoder, model.num_classes, model.num_queries, model.num_blocks, masked_attn_enabled=model.masked_attn
-    )
-    state = {("encoder." + k if k.startswith("backbone.") else k): v for k, v in model.state_dict().items()}
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"encoder.pixel_mean", "encoder.pixel_std"}:
-        raise RuntimeError(f"release network does not take our weights: {missing} {unexpected}")
-    return network.to(next(model.parameters()).device).train()
-
-
 class Trainer:
     """One runtime's network, optimiser and step on fixed images and targets."""
 
@@ -106,7 +80,7 @@ class Trainer:
         model = build_model(cfg.model).to(device).train()
         model.masked_attn = masked != "off"
         if runtime.startswith("release"):
-            network = release_network(args.reference, model, cfg)
+            network = release_network(args.reference, model, cfg).train()
             params = network
             self.set_probs = lambda probs: network.attn_mask_probs.copy_(torch.tensor(probs))
             forward = torch.compile(_ReleaseModule(network)) if runtime == "release-compiled" else network

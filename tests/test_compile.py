@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 from conftest import logged
+from test_train import FAST
 
 import train
 from eomt.compilation import CompileStats, compile_for_inference, compile_for_training
@@ -20,15 +21,6 @@ from eomt.model import EoMT
 from eomt.model.blocks import ViTBlock
 from eomt.profiling import bf16_peak_flops, training_mfu
 
-FAST = [
-    "experiment=demo",
-    "trainer.num_workers=0",
-    "trainer.batch_size=4",
-    "trainer.log_every_steps=1",
-    "trainer.ckpt_every_steps=1000",
-    "eval.every_epochs=0",
-    "loss.num_points=256",
-]
 AOT_EAGER = "+trainer.compile_options.backend=aot_eager"
 
 
