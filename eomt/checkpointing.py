@@ -223,6 +223,8 @@ class CheckpointManager:
         if disk_full is not None:
             raise DiskFullError(disk_full)
         self._saved = (step, Path(path))
+        if distributed.is_main():
+            log.info("saved %s", path)
         return self._saved[1]
 
     def restore_training_state(self) -> Path | None:
