@@ -149,8 +149,7 @@ def measure(cfg, args, dtype: str, masked: str, runtimes: list[str]) -> list[dic
     first: dict[str, float] = {}
     compiled: dict[str, CompileSummary] = {}
     for runtime in runtimes:
-        torch._dynamo.reset()
-        stats = CompileStats()
+        stats = CompileStats()  # no torch._dynamo.reset(): it would drop the runtimes built before
         trainers[runtime] = Trainer(runtime, cfg, args, dtype, masked)
         first[runtime] = trainers[runtime].timed(1)
         trainers[runtime].timed(args.warmup)
@@ -160,9 +159,9 @@ def measure(cfg, args, dtype: str, masked: str, runtimes: list[str]) -> list[dic
     for _ in range(args.rounds):
         for runtime in runtimes:
             seconds[runtime].append(trainers[runtime].timed(args.steps))
-    late = timed_stats.summary().frames
-    if late:
-        print(f"note: {late} compilations during the timed rounds (their time is in the rates)")
+    late = timed_stats.summary()
+    if late.frames:
+        print(f"note: compilations during the timed rounds (their time is in the rates): {dict(late.per_function)}")
     base = seconds[runtimes[0]]
     records = []
     for runtime in runtimes:
