@@ -36,7 +36,7 @@ def gflops_per_image(model: nn.Module, images: torch.Tensor) -> float:
     return counter.get_total_flops() / images.shape[0] / 1e9
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the predictors: a compiled network's graphs serve both without recompiling
 def images_per_second(network: nn.Module, images: torch.Tensor, iters: int = 20, warmup: int = 3) -> float:
     """Forward passes of `network` (compiled or not) on `images`, timed after `warmup` untimed ones."""
     synchronize = torch.cuda.synchronize if images.is_cuda else (lambda: None)
