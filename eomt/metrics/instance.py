@@ -120,7 +120,6 @@ def coco_mask_ap(
     }
     if not ground_truth:
         return nan_result
-    coco, _ = coco_api(backend)
     # COCOeval treats an id of 0 as "unmatched", so shift annotation and category ids by one.
     dataset = {
         "images": list(images),
@@ -133,13 +132,7 @@ def coco_mask_ap(
         {k: v for k, v in d.items() if k != "bbox"} | {"category_id": d["category_id"] + 1}
         for d in detections
     ]
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        if backend == "pycocotools":
-            gt = coco()
-            gt.dataset = dataset
-            gt.createIndex()
-        else:
-            gt = coco(dataset)
+    gt = coco_from_dict(dataset, backend)
     result = _cocoeval(gt, detections, backend)
     precision = result.pop("precision")[:, :, :, 0, -1]  # IoU x recall x class, area all, 100 dets
     per_class = {}
@@ -147,6 +140,18 @@ def coco_mask_ap(
         valid = precision[:, :, c][precision[:, :, c] > -1]
         per_class[c] = float(valid.mean()) if valid.size else float("nan")
     return result | {"per_class": per_class}
+
+
+def coco_from_dict(dataset: dict, backend: str = "pycocotools") -> Any:
+    """`backend`'s COCO index over an in-memory dataset (pycocotools takes only a file name in its constructor)."""
+    coco, _ = coco_api(backend)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        if backend != "pycocotools":
+            return coco(dataset)
+        index = coco()
+        index.dataset = dataset
+        index.createIndex()
+    return index
 
 
 def ap_compute(
@@ -178,12 +183,7 @@ def _cocoeval(gt: Any, detections: list[dict], backend: str) -> dict[str, Any]:
                 "annotations": [],
                 "categories": gt.dataset["categories"],
             }
-            if backend == "pycocotools":
-                dt = coco()
-                dt.dataset = empty
-                dt.createIndex()
-            else:
-                dt = coco(empty)
+            dt = coco_from_dict(empty, backend)
         evaluator = cocoeval(gt, dt, "segm")
         evaluator.evaluate()
         evaluator.accumulate()
