@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-# Dynamo keeps the records of the last 64 frame compilations by default; a run keeps them all so
-# that its summary counts every recompilation.
+# Dynamo keeps the records of the last 64 frame compilations by default; from a CompileStats' making on,
+# all are kept, so that its summary counts every recompilation.
 _METRICS_KEPT = 100_000
 
 
 def compile_for_training(model: nn.Module, **options: Any) -> None:
     """Compile `model` in place: EoMT by region; other networks (the Mask2Former baselines) whole."""
-    torch._dynamo.utils.set_compilation_metrics_limit(_METRICS_KEPT)
     if hasattr(model, "compile_regions"):
         model.compile_regions(**options)
     else:
@@ -35,7 +34,6 @@ def compile_for_inference(model: nn.Module, **options: Any) -> nn.Module:
     whole (`fullgraph=True`); with masked attention (`eval.masked_attn=true`), a copy compiled by region as
     in training. `model` itself is left as it is. A second batch size (the last batch, sliding windows)
     recompiles once with a dynamic batch dimension."""
-    torch._dynamo.utils.set_compilation_metrics_limit(_METRICS_KEPT)
     if getattr(model, "masked_attn", False) and hasattr(model, "compile_regions"):
         regional = copy.deepcopy(model)
         regional.compile_regions(**options)
