@@ -21,11 +21,12 @@ from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 log = logging.getLogger(__name__)
 
-LEFT_QUEUE = "LEFT_QUEUE"  # a job squeue no longer lists has ended; its result file tells how
+LEFT_QUEUE = "LEFT_QUEUE"  # a job squeue has not listed for SETTLE_S has ended; its result file tells how
 # States in which submitit waits on; any other state ends the job for it (submitit's Job.done).
 ACTIVE_STATES = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED"}
 # A job that requeues itself (time limit, preemption: submitit's checkpointing) shows a failed or cancelled
-# state for a moment on its way back to PENDING; such a state counts once it has held this long.
+# state for a moment on its way back to PENDING, and a busy controller may leave a job out of one listing;
+# such a state, or the absence, counts once it has held this long.
 SETTLE_S = 60.0
 
 
@@ -45,8 +46,8 @@ def accounting_enabled() -> bool:
 class SqueueWatcher(SlurmInfoWatcher):
     """submitit's job watcher reading `squeue` (this user's jobs, finished ones included) instead of `sacct`.
 
-    A state other than COMPLETED that ends the job is reported as REQUEUED until it has held `SETTLE_S`
-    (submitit never looks at a job again once it has seen it end).
+    A state other than COMPLETED that ends the job, or the job missing from the listing, is reported as
+    REQUEUED until it has held `SETTLE_S` (submitit never looks at a job again once it has seen it end).
     """
 
     def __init__(self, delay_s: int = 60):
@@ -58,13 +59,18 @@ class SqueueWatcher(SlurmInfoWatcher):
             return None
         return ["squeue", "--me", "--noheader", "--states=all", "--array", "--format=%i|%T|%N"]
 
+    def _is_array_parent(self, job_id: str) -> bool:
+        return any(other.startswith(f"{job_id}_") for other in self._registered)
+
     def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
         text = string.decode() if isinstance(string, bytes) else string
         info = super().read_info("JobID|State|NodeList\n" + text)  # sacct's layout: a header, then rows
+        for job_id in self._registered - self._finished - info.keys():
+            info[job_id] = {"JobID": job_id, "State": LEFT_QUEUE, "NodeList": ""}
         now = time.monotonic()
         for job_id, row in info.items():
-            if job_id not in self._registered:
-                continue  # another job of this user's
+            if job_id not in self._registered or self._is_array_parent(job_id):
+                continue  # another job of this user's; an array's own id (squeue lists its tasks)
             state = (row.get("State") or "UNKNOWN").split()[0].upper()  # e.g. "CANCELLED by 0"
             if state in ACTIVE_STATES or state == "COMPLETED":
                 self._ended_since.pop(job_id, None)
@@ -74,8 +80,6 @@ class SqueueWatcher(SlurmInfoWatcher):
                         "job %s shows %s: waiting %.0f s to see whether it requeues", job_id, state, SETTLE_S
                     )
                 info[job_id] = {**row, "State": "REQUEUED"}  # perhaps on its way back to the queue
-        for job_id in self._registered - self._finished - info.keys():
-            info[job_id] = {"JobID": job_id, "State": LEFT_QUEUE, "NodeList": ""}
         return info
 
 

@@ -201,6 +201,20 @@ def log_of(run_dir: Path) -> str:
     return text(run_dir / "train.log")
 
 
+def without_progress(output: str, lines: int = 60) -> str:
+    """The last `lines` lines of a job's output that are not progress-bar updates (a failure message)."""
+    kept = [line for line in output.splitlines() if "it/s]" not in line and "s/it]" not in line]
+    return "\n".join(kept[-lines:])
+
+
+def sweep_story(launcher_output: str, sweep_dir: Path) -> str:
+    """What the launcher and each submitit job printed, progress bars left out."""
+    parts = [f"--- launcher\n{without_progress(launcher_output)}"]
+    for path in sorted(sweep_dir.glob(".submitit/*/*_log.*")):
+        parts.append(f"--- {path.name}\n{without_progress(text(path), 25)}")
+    return "\n".join(parts)
+
+
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
@@ -295,7 +309,7 @@ def test_time_limits_requeue_and_resume_to_an_uninterrupted_runs_weights(slurm_e
             if proc.poll() is None:
                 proc.kill()
     launcher_output = sweep_out.read_text()
-    assert sweep.returncode == 0, launcher_output[-3000:]
+    assert sweep.returncode == 0, sweep_story(launcher_output, sweep_dir)
     assert reference.returncode == 0
     assert info["JobState"] == "COMPLETED", text(job_out)[-3000:]
 

@@ -5,18 +5,26 @@ import os
 from eomt.slurm_launcher import LEFT_QUEUE, SqueueWatcher, accounting_enabled
 
 
-def test_squeue_rows_give_job_states_and_jobs_gone_from_the_queue_have_ended():
+def test_squeue_rows_give_job_states_and_jobs_gone_from_the_queue_have_ended(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("eomt.slurm_launcher.time.monotonic", lambda: clock[0])
     watcher = SqueueWatcher(delay_s=60)
-    for job_id in ("41_0", "41_1", "42", "43"):
+    for job_id in ("41", "41_0", "41_1", "42", "43"):
         watcher.register_job(job_id)
     assert watcher._make_command()[0] == "squeue"
-    info = watcher.read_info(b"41_0|RUNNING|n1\n41_1|PENDING|\n42|COMPLETED|n2\n")
+    listing = b"41_0|RUNNING|n1\n41_1|PENDING|\n42|COMPLETED|n2\n"
+    info = watcher.read_info(listing)
     assert {k: v["State"] for k, v in info.items()} == {
         "41_0": "RUNNING",
         "41_1": "PENDING",
         "42": "COMPLETED",
-        "43": LEFT_QUEUE,  # not listed any more: ended; its result file (or its absence) tells how
+        "43": "REQUEUED",  # left out of one listing: perhaps a busy controller, or on its way back
+        "41": LEFT_QUEUE,  # the array's own id: squeue lists its tasks instead
     }
+    clock[0] += 70
+    # not listed for longer than SETTLE_S: ended; its result file (or its absence) tells how
+    assert watcher.read_info(listing)["43"]["State"] == LEFT_QUEUE
+    assert watcher.read_info(listing + b"43|RUNNING|n1\n")["43"]["State"] == "RUNNING"
 
 
 def test_accounting_is_read_from_scontrol(tmp_path, monkeypatch):
