@@ -161,7 +161,9 @@ def measure(cfg, args, dtype: str, masked: str, runtimes: list[str]) -> list[dic
             seconds[runtime].append(trainers[runtime].timed(args.steps))
     late = timed_stats.summary()
     if late.frames:
-        print(f"note: compilations during the timed rounds (their time is in the rates): {dict(late.per_function)}")
+        print(
+            f"note: compilations during the timed rounds (their time is in the rates): {dict(late.per_function)}"
+        )
     base = seconds[runtimes[0]]
     records = []
     for runtime in runtimes:
