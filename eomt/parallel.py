@@ -147,10 +147,10 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tenso
     """Scale the gradients to a total 2-norm of at most `max_norm`; returns the norm before (a plain
     tensor). Sharded gradients (DTensors) count every shard once: their norm is reduced over the ranks."""
     params = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=None)
     if isinstance(total, DTensor):
         total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
     return total
 
 
