@@ -213,3 +213,31 @@ def test_fsdp_trains_as_ddp_does_with_half_the_memory_per_rank(tmp_path, tmp_pat
     records = {s: json.loads((tmp_path / s / "metrics.json").read_text()) for s in ("ddp", "fsdp")}
     assert records["fsdp"]["fps"] > 0 and records["fsdp"]["params"] == records["ddp"]["params"]
     assert records["fsdp"]["metrics"] == pytest.approx(records["ddp"]["metrics"], abs=1e-6)
+
+
+def test_one_process_shards_over_a_group_of_its_own_and_evaluates_a_full_copy(make_tiny_eomt):
+    """fsdp on a single rank (a group in memory, no port); the gathered copy computes what the model does."""
+    from eomt import distributed
+    from eomt.parallel import UnshardedCopy, shard
+
+    torch.manual_seed(0)
+    model = make_tiny_eomt().eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+    env = distributed.init("cpu", group_of_one=True)
+    try:
+        assert (env.world_size, distributed.is_initialized(), distributed.world_size()) == (1, True, 1)
+        unsharded = UnshardedCopy(model)
+        assert all(p.is_meta for p in unsharded.template.parameters())  # the template holds no weights
+        shard(model, torch.device("cpu"), 1, "fp32")
+        assert {type(p).__name__ for p in model.parameters()} == {"DTensor"}
+        full = unsharded(model)
+        assert not any(type(p).__name__ == "DTensor" or p.is_meta for p in full.parameters())
+        with torch.no_grad():
+            for got, want in zip(full(images), expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            for got, want in zip(model(images), expected, strict=True):  # the sharded forward, too
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        distributed.cleanup()
