@@ -81,7 +81,7 @@ TWO_RANKS = [
     "trainer.num_workers=0",
     "trainer.batch_size=8",
     "trainer.micro_batch_size=2",  # x 2 ranks x 2 accumulation steps
-    "trainer.max_steps=3",
+    "trainer.max_steps=4",
     "trainer.log_every_steps=1",
     "trainer.ckpt_every_steps=1000",
     "schedule.grad_clip=0.01",
@@ -92,6 +92,7 @@ TWO_RANKS = [
     "eval.num_overlays=0",
     "loss.num_points=64",
 ]
+NAN_STEP = 2  # the third step's loss is not finite on rank 1
 FSDP = [
     "trainer.strategy=fsdp",
     "trainer.activation_checkpointing=2",
@@ -119,6 +120,7 @@ def _groups(run) -> list[tuple]:
 
 def _two_rank_worker(rank: int, port: int, root: str, cache: str) -> None:
     import os
+    import signal
     from pathlib import Path
 
     os.environ.update(
@@ -129,10 +131,29 @@ def _two_rank_worker(rank: int, port: int, root: str, cache: str) -> None:
     import train
     from eomt.config import compose
 
+    def build(strategy: str, overrides: list[str], stop_in_step: int | None = None):
+        run = train.build_run(compose([*TWO_RANKS, *overrides]), Path(root, strategy))
+        loss = run.criterion.forward
+
+        def criterion(*args, **kwargs):
+            total, terms = loss(*args, **kwargs)
+            if rank == 1 and run.state.step == stop_in_step:
+                signal.raise_signal(signal.SIGUSR2)  # rank 1 alone is told to stop: after this step
+            if rank == 1 and run.state.step == NAN_STEP:
+                total = total * float("nan")  # this step is skipped on both ranks
+            return total, terms
+
+        run.criterion.forward = criterion
+        return run
+
     out = {}
     for strategy, extra in (("ddp", []), ("fsdp", FSDP)):
-        run = train.build_run(compose([*TWO_RANKS, *extra]), Path(root, strategy))
+        run = build(strategy, extra, stop_in_step=1 if strategy == "fsdp" else None)
         groups = _groups(run)  # before the first step: the lrs are the groups' own
+        if strategy == "fsdp":  # stopped after 2 steps, checkpointed, then resumed to the end
+            with pytest.raises(SystemExit):
+                train.train(run)
+            run = build(strategy, extra)
         train.train(run)
         state = {k: v.clone() for k, v in run.evaluated().state_dict().items()}  # fsdp: gathered
         out[strategy] = {
@@ -144,6 +165,7 @@ def _two_rank_worker(rank: int, port: int, root: str, cache: str) -> None:
             "state": state,
             "sharded": [type(p).__name__ for p in run.model.parameters()][:1],
             "replicas": train.distributed.check_replicas(run.model),
+            "skipped": run.state.skipped_steps,
         }
     with torch.no_grad():
         run.model.attn_mask_probs[0] += rank  # a replicated buffer drifts on rank 1
@@ -168,7 +190,9 @@ def _spawn(fn, args, nprocs: int, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_trains_as_ddp_does_with_half_the_memory_per_rank(tmp_path, tmp_path_factory):
+def test_fsdp_trains_as_ddp_does_through_a_skip_and_a_resume_with_half_the_memory_per_rank(
+    tmp_path, tmp_path_factory
+):
     import json
     import os
     import socket
@@ -186,9 +210,11 @@ def test_fsdp_trains_as_ddp_does_with_half_the_memory_per_rank(tmp_path, tmp_pat
 
     # the same layer-wise lr and weight-decay groups, by parameter name
     assert fsdp["groups"] == ddp["groups"]
-    # the same losses, clipped gradients and weights after 3 steps of 2 accumulated micro-batches
+    # the same losses, clipped gradients and weights after 4 steps of 2 accumulated micro-batches, the third
+    # skipped (a non-finite loss), the fsdp run stopped by a signal after the second and resumed
     losses = {s: logged(tmp_path / s) for s in ("ddp", "fsdp")}
-    assert sorted(losses["ddp"]) == [1, 2, 3]
+    assert sorted(losses["ddp"]) == sorted(losses["fsdp"]) == [1, 2, 4]
+    assert ddp["skipped"] == fsdp["skipped"] == 1
     for step, loss in losses["ddp"].items():
         assert losses["fsdp"][step] == pytest.approx(loss, rel=1e-5), step
     norms = {s: logged(tmp_path / s, "train/grad_norm") for s in ("ddp", "fsdp")}
