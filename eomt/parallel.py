@@ -41,13 +41,11 @@ CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # in named_parameters() of a 
 # --- the settings -----------------------------------------------------------------------------------
 def checkpoint_every(setting: str | int | None) -> int:
     """`trainer.activation_checkpointing` as n (every n-th block is checkpointed; 0 = none)."""
-    if setting in (None, "none") or (
-        isinstance(setting, int) and not isinstance(setting, bool) and setting == 0
-    ):
+    if setting in (None, "none"):
         return 0
     if setting == "blocks":
         return 1
-    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0:
         return setting
     raise ConfigError(
         f"trainer.activation_checkpointing={setting} is not one of none|blocks|<n> (every n-th block, n >= 1)"
@@ -120,10 +118,6 @@ def shard(model: nn.Module, device: torch.device, world_size: int, precision: st
     for block in model.backbone.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # used at once by backward
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 # --- in the step ----------------------------------------------------------------------------------------

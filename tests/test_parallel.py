@@ -9,7 +9,9 @@ from eomt.errors import ConfigError
 from eomt.parallel import CHECKPOINT_PREFIX, apply_activation_checkpointing, check_strategy, checkpoint_every
 
 
-@pytest.mark.parametrize(("setting", "every"), [("none", 0), (None, 0), ("blocks", 1), (1, 1), (3, 3)])
+@pytest.mark.parametrize(
+    ("setting", "every"), [("none", 0), (None, 0), (0, 0), ("blocks", 1), (1, 1), (3, 3)]
+)
 def test_checkpoint_every_reads_the_setting(setting, every):
     assert checkpoint_every(setting) == every
 
