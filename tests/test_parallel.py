@@ -269,3 +269,23 @@ def test_one_process_shards_over_a_group_of_its_own_and_evaluates_a_full_copy(ma
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
     finally:
         distributed.cleanup()
+
+
+def test_the_mask2former_baseline_shards_too_in_bf16_with_its_batch_norms_in_fp32():
+    from eomt import distributed
+    from eomt.config import compose
+    from eomt.model import build_model
+    from eomt.parallel import BATCH_NORMS, shard
+
+    torch.manual_seed(0)
+    model = build_model(compose(["experiment=demo", "model=m2f_tiny"]).model).train()
+    assert any(isinstance(m, BATCH_NORMS) for m in model.modules())  # the ViT-Adapter's
+    distributed.init("cpu", group_of_one=True)
+    try:
+        shard(model, torch.device("cpu"), 1, "bf16")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mask_logits, class_logits = model(torch.rand(2, 3, 64, 64))
+        (sum(m.float().mean() for m in mask_logits) + sum(c.float().mean() for c in class_logits)).backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        distributed.cleanup()
