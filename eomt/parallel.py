@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from eomt.compilation import compile_for_training
-from eomt.errors import ConfigError
+from eomt.errors import CheckpointError, ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # in named_parameters() of a checkpointed block only
@@ -211,5 +211,10 @@ class FullOptimizerState(FullModelState):
         return get_optimizer_state_dict(self.model, self.optimizer, options=options)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if any(isinstance(key, int) for key in state.get("state", {})):  # torch's own, keyed by position
+            raise CheckpointError(
+                "the checkpoint's optimiser state was written by trainer.strategy=ddp; resume it with "
+                "trainer.strategy=ddp, or start a new run from its weights with trainer.init_from=<checkpoint>"
+            )
         options = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
