@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from eomt import distributed, sharded
 from eomt.atomic import atomic_open, disk_full_as_one_line, is_disk_full
@@ -201,14 +200,17 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: str | Path) -> dict[str, Any]:
-        """One checkpoint, whole (a sharded one read in this process alone: full tensors); CheckpointError
-        naming the file when it cannot be read."""
+        """One checkpoint, whole; CheckpointError naming the file when it cannot be read. A sharded one is
+        read in this process alone into the layout of a `.pt` file (full tensors, the optimiser's state
+        by parameter index), which eomt.consolidate writes."""
         path = Path(path)
         if not path.is_dir():
             return load_weights_only(path)
         state = _load_train_state(path)
-        state.update(sharded.read_full(path))
-        return state
+        content = sharded.read_full(path)
+        if "optimizer" in content:
+            content["optimizer"] = _optimizer_state_by_index(content["optimizer"])
+        return state | content
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest readable checkpoint and its contents, or None when there is none yet.
@@ -302,9 +304,7 @@ class CheckpointManager:
                 disk_full = str(e)
         disk_full = distributed.broadcast_object(disk_full)
         if disk_full is None:
-            model, optimizers = self._sharded_parts()
-            model_state, optim_state = get_state_dict(model, optimizers)
-            content = {"model": model_state} | ({"optimizer": optim_state} if optimizers else {})
+            content = sharded.state_of(*self._sharded_parts())
             try:
                 sharded.save(content, tmp)
             except Exception as e:  # DCP raises the same error on every rank, naming each rank's failure
@@ -364,22 +364,13 @@ class CheckpointManager:
         if in_dcp:
             model, optimizers = self._sharded_parts()
             if path.is_dir():
-                model_state, optim_state = get_state_dict(model, optimizers)
-                content = {"model": model_state} | ({"optimizer": optim_state} if optimizers else {})
+                content = sharded.state_of(model, optimizers)
                 sharded.load(content, path)
-                options = None
             else:  # a step_N.pt (a run that trained with ddp) into a sharded model: full tensors
                 content = {"model": state["model"]}
                 if optimizers:
                     content["optimizer"] = _optimizer_state_by_name(model, optimizers[0], state["optimizer"])
-                options = StateDictOptions(full_state_dict=True)
-            set_state_dict(
-                model,
-                optimizers,
-                model_state_dict=content["model"],
-                optim_state_dict=content.get("optimizer", {}),
-                options=options,
-            )
+            sharded.apply(model, optimizers, content, full=not path.is_dir())
         for name, part in self.parts.items():
             if name not in in_dcp:
                 part.load_state_dict(state[name])
@@ -402,6 +393,13 @@ def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def _optimizer_state_by_index(state: dict) -> dict:
+    """The inverse: DCP's optimiser state (by parameter name) as `optimizer.state_dict()` gives it."""
+    index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
 
 
 def _disk_full_anywhere(error: BaseException) -> bool:

@@ -12,6 +12,9 @@ hyper-parameters) with `torch.save`, and reads them back with `pickle.load` and
 read by an unpickler that only builds DCP's own metadata classes (`torch.distributed.checkpoint.metadata`),
 `torch.Size`, dtypes, layouts and paths, and every value with `torch.load(weights_only=True)`; the tensors
 DCP already reads weights-only. Anything else in a checkpoint is refused with one CheckpointError.
+
+DCP takes about a second to import: it is imported when a sharded checkpoint is first read or written, so
+that loading a `.pt` file (eomt.api, eomt.predict) does not pay for it.
 """
 
 from __future__ import annotations
@@ -21,16 +24,17 @@ import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch import nn
 
 from eomt.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 METADATA = ".metadata"  # DCP's file name for the index of a checkpoint
 TRAIN_STATE = "train_state.pt"  # our file next to it: counters, RNG streams, config, small parts
@@ -71,20 +75,24 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
 
 
-class _WeightsOnlyReader(FileSystemReader):
-    """DCP's file reader with `.metadata` read by the restricted unpickler."""
+@cache
+def _weights_only_reading() -> tuple[type, type]:
+    """DCP's file reader and load planner, with `.metadata` read by the restricted unpickler and
+    non-tensor values checked by `torch.load(weights_only=True)` before DCP reads them."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return read_metadata(Path(self.path))
+    class WeightsOnlyReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            return read_metadata(Path(self.path))
 
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            torch.load(value, weights_only=True)  # refuses anything but plain values
+            value.seek(0)
+            super().load_bytes(read_item, value)
 
-class _WeightsOnlyPlanner(DefaultLoadPlanner):
-    """DCP's load planner with non-tensor values read by `torch.load(weights_only=True)`."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        torch.load(value, weights_only=True)  # refuses anything but plain values before DCP reads them
-        value.seek(0)
-        super().load_bytes(read_item, value)
+    return WeightsOnlyReader, WeightsOnlyPlanner
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -95,6 +103,8 @@ def is_sharded(path: str | Path) -> bool:
 
 def read_metadata(path: Path) -> Metadata:
     """The index of the checkpoint in `path`, read weights-only; CheckpointError when missing or damaged."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
     file = path / METADATA
     try:
         with file.open("rb") as f:
@@ -129,8 +139,35 @@ def check_complete(path: Path, metadata: Metadata | None = None) -> Metadata:
     return metadata
 
 
+def state_of(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """{"model": ..., "optimizer": ...} keyed by parameter names, sharded as the model is (DCP's
+    get_state_dict): what `save` writes and `load` reads into."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizers)
+    return {"model": model_state} | ({"optimizer": optim_state} if optimizers else {})
+
+
+def apply(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict[str, Any], full: bool
+) -> None:
+    """Put `state` (as `state_of` gives; `full`: whole tensors, as a .pt file holds) into the model and
+    optimisers, sharding it as they are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizers,
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optimizer", {}),
+        options=StateDictOptions(full_state_dict=True) if full else None,
+    )
+
+
 def save(state: dict[str, Any], path: Path) -> None:
     """Every rank writes its shards of `state` (nested dicts of tensors / DTensors) into `path`; collective."""
+    import torch.distributed.checkpoint as dcp
+
     with _one_process_is_intended():
         dcp.save(state, checkpoint_id=path)
 
@@ -138,10 +175,13 @@ def save(state: dict[str, Any], path: Path) -> None:
 def load(state: dict[str, Any], path: Path) -> None:
     """Read the checkpoint in `path` into `state` in place (resharding to its tensors); collective when a
     process group is initialised. CheckpointError when the checkpoint is damaged."""
+    import torch.distributed.checkpoint as dcp
+
     check_complete(path)
+    reader, planner = _weights_only_reading()
     try:
         with _one_process_is_intended():
-            dcp.load(state, storage_reader=_WeightsOnlyReader(path), planner=_WeightsOnlyPlanner())
+            dcp.load(state, storage_reader=reader(path), planner=planner())
     except CheckpointError:
         raise
     except Exception as error:
@@ -151,6 +191,9 @@ def load(state: dict[str, Any], path: Path) -> None:
 def read_full(path: str | Path, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The whole checkpoint (or its top-level `parts`, e.g. ("model",)) as one nested dict of full
     tensors, read in this process alone (no process group needed, none used)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     path = Path(path)
     metadata = check_complete(path)
     where = metadata.planner_data or {}
@@ -163,12 +206,13 @@ def read_full(path: str | Path, parts: tuple[str, ...] | None = None) -> dict[st
         flat[key] = torch.empty(item.size, dtype=item.properties.dtype) if is_tensor else None
     if parts is not None and not flat:
         raise CheckpointError(f"{path} holds none of {', '.join(parts)}")
+    reader, planner = _weights_only_reading()
     try:
         with _one_process_is_intended():
             dcp.load(
                 flat,
-                storage_reader=_WeightsOnlyReader(path),
-                planner=_WeightsOnlyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+                storage_reader=reader(path),
+                planner=planner(flatten_state_dict=False, flatten_sharded_tensors=False),
                 no_dist=True,
             )
     except Exception as error:

@@ -4,6 +4,7 @@ weights-only, resumed on another number of ranks, read whole without a process g
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 
 from eomt import sharded
 from eomt.checkpointing import CheckpointManager, TrainState
-from eomt.errors import CheckpointError
+from eomt.errors import CheckpointError, user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,8 +317,6 @@ def _close(a: dict, b: dict) -> bool:
 def test_resume_on_another_number_of_ranks_gives_the_same_weights_and_next_loss(tmp_path):
     """1 rank trains 4 steps uninterrupted; 2 ranks resume its step 2 for one step, 1 rank resumes
     that for the last: the same weights on restore (exactly), the same losses and end weights."""
-    import shutil
-
     whole = _one_rank(tmp_path / "whole", (0, 4))
     shutil.copytree(tmp_path / "whole" / "step_00000002", tmp_path / "resumed" / "step_00000002")
     two = _two_ranks(tmp_path / "resumed", (2, 3), tmp_path / "two.pt")  # 1 -> 2
@@ -332,3 +332,85 @@ def test_resume_on_another_number_of_ranks_gives_the_same_weights_and_next_loss(
         "__1_0.distcp",  # written by two ranks
         sharded.TRAIN_STATE,
     }
+
+
+# --- readers: eomt.api, eomt.predict, eomt.export, eomt.consolidate -----------------------------------
+@pytest.fixture
+def sharded_run(tmp_path):
+    """A run directory as an fsdp run leaves it: config.yaml and a sharded checkpoint of its network."""
+    from eomt.config import compose
+    from eomt.model import build_model
+    from eomt.run_info import write_run_info
+
+    cfg = compose(["experiment=demo", "model.num_queries=9", "model.num_blocks=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    run = tmp_path / "run"
+    write_run_info(cfg, run)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    manager = CheckpointManager(
+        run / "checkpoints",
+        train_state=TrainState(step=5),
+        parts={"model": model, "optimizer": optimizer},
+        config=config,
+        sharded=True,
+    )
+    manager.save_training_state(5)
+    return run, model
+
+
+def test_every_reader_takes_a_sharded_checkpoint_or_its_run_directory(sharded_run, tmp_path):
+    from eomt import api, predict
+    from eomt.checkpoint_config import compose_for
+    from eomt.export import build_metadata
+
+    run, trained = sharded_run
+    step = run / "checkpoints" / "step_00000005"
+    elsewhere = tmp_path / "copied_step"  # outside its run: the config it carries builds the network
+    shutil.copytree(step, elsewhere)
+    for checkpoint in (run, step, elsewhere):
+        loaded = api.load(checkpoint=str(checkpoint))
+        assert loaded.num_queries == 9 and loaded.num_blocks == 3
+        assert _equal_states(trained, loaded)
+    args, overrides = predict.parse_args([f"checkpoint={elsewhere}", "input=x", "output=y"])
+    network, cfg = predict.load_network(args, overrides, torch.device("cpu"))
+    assert _equal_states(trained, network) and cfg.dataset.name == "synthetic"
+    assert build_metadata(compose_for([], elsewhere), elsewhere, "float32").config_source == "checkpoint"
+
+
+def test_consolidate_writes_one_weights_only_file_that_resumes_and_loads(sharded_run, capsys):
+    from eomt import api
+    from eomt.consolidate import main
+
+    run, trained = sharded_run
+    main([str(run)])
+    out = run / "step_00000005.pt"
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    state = torch.load(out, weights_only=True)
+    assert state["step"] == 5 and state["config"]["model"]["num_queries"] == 9
+    assert _equal_states(trained, api.load(checkpoint=str(out)))
+
+    model = api.load(checkpoint=str(out)).train()  # a plain (ddp) run resumes from it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    (run / "plain").mkdir()
+    shutil.copy(out, run / "plain" / out.name)
+    resumed = CheckpointManager(
+        run / "plain", train_state=TrainState(), parts={"model": model, "optimizer": optimizer}
+    )
+    assert resumed.restore_training_state() == run / "plain" / out.name
+    assert optimizer.state_dict()["param_groups"][0]["params"] == list(range(len(list(trained.parameters()))))
+
+
+@pytest.mark.parametrize(
+    ("target", "words"),
+    [("file.pt", "is a single-file checkpoint already"), (".", "is not a sharded checkpoint")],
+)
+def test_consolidate_names_what_is_wrong_in_one_line(tmp_path, capsys, target, words):
+    from eomt.consolidate import main
+
+    (tmp_path / "file.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_, user_errors():
+        main([str(tmp_path / target)])
+    message = capsys.readouterr().err
+    assert exit_.value.code == 1 and words in message and message.count("\n") == 1, message
