@@ -388,9 +388,9 @@ def _load_train_state(path: Path) -> dict[str, Any]:
 
 def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """`optimizer.state_dict()` of a plain run (parameters by their index) keyed by parameter names,
-    as DCP's state dict API reads it."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    as DCP's state dict API reads it (and names them: without wrappers' prefixes)."""
+    groups = sharded.state_of(model, [optimizer])["optimizer"]["param_groups"]
+    order = [name for group in groups for name in group["params"]]
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 

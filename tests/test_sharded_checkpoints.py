@@ -414,3 +414,67 @@ def test_consolidate_names_what_is_wrong_in_one_line(tmp_path, capsys, target, w
         main([str(tmp_path / target)])
     message = capsys.readouterr().err
     assert exit_.value.code == 1 and words in message and message.count("\n") == 1, message
+
+
+# --- end to end through train.py: two fsdp ranks save, one resumes ----------------------------------------
+TRAIN = [
+    "experiment=demo",
+    "trainer.strategy=fsdp",
+    "trainer.compile=false",
+    "trainer.num_workers=0",
+    "trainer.batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.log_every_steps=1",
+    "trainer.ckpt_every_steps=2",
+    "eval.every_epochs=0",
+    "loss.num_points=64",
+]
+
+
+def _train_rank(rank: int, port: int, run_dir: str, cache: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ["EOMT_CACHE"] = cache
+    torch.set_num_threads(1)
+    import train
+    from eomt.config import compose
+
+    run = train.build_run(compose([*TRAIN, "trainer.max_steps=2"]), Path(run_dir))
+    train.train(run)
+    state = {k: v.clone() for k, v in run.evaluated().state_dict().items()}  # gathered on every rank
+    if rank == 0:
+        torch.save(state, Path(run_dir, "weights.pt"))
+    train.distributed.cleanup()
+
+
+@pytest.mark.slow
+def test_train_py_resumes_two_fsdp_ranks_checkpoint_on_one(tmp_path, tmp_path_factory, caplog):
+    import train
+    from eomt.config import compose
+
+    cache = os.environ.get("EOMT_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
+    two = tmp_path / "two"
+    mp.spawn(_train_rank, args=(_free_port(), str(two), cache), nprocs=2)
+    step = two / "checkpoints" / "step_00000002"
+    assert {p.name for p in step.iterdir()} >= {"__0_0.distcp", "__1_0.distcp"}
+    saved = torch.load(two / "weights.pt", weights_only=True)
+
+    one = tmp_path / "one"
+    shutil.copytree(step, one / "checkpoints" / step.name)
+    os.environ.setdefault("EOMT_CACHE", cache)
+    run = train.build_run(compose([*TRAIN, "trainer.max_steps=3"]), one)
+    try:
+        assert run.checkpoints.restore_training_state() == one / "checkpoints" / step.name
+        restored = run.evaluated().state_dict()
+        assert all(torch.equal(restored[k], v) for k, v in saved.items())  # the same weights on 1 rank
+        with caplog.at_level(logging.INFO):
+            train.train(run)
+    finally:
+        train.distributed.cleanup()
+    assert f"resumed from {one / 'checkpoints' / step.name} at step 2" in caplog.text
+    assert {p.name for p in (one / "checkpoints" / "step_00000003").iterdir()} == {
+        ".metadata",
+        "__0_0.distcp",
+        sharded.TRAIN_STATE,
+    }
