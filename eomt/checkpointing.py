@@ -344,6 +344,11 @@ class CheckpointManager:
         self.train_state.load_state_dict(state)
         rngs, rank = state["rng"], distributed.rank()
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        if rank >= len(rngs):  # a rank the saving run did not have: its own streams, drawn from rank 0's
+            seed = int(torch.randint(2**31, ())) + rank
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
         self._saved = (self.train_state.step, path)
         return path
 

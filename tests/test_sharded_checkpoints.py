@@ -266,7 +266,9 @@ def _train(rank: int, world: int, folder: str, steps: tuple[int, int]) -> dict:
     manager = CheckpointManager(folder, keep_last=10, train_state=state, parts=parts, sharded=True)
     manager.restore_training_state()
     assert state.step == steps[0], (state.step, steps)
-    record = {"restored": _full(model), "losses": [], "weights": {}}
+    draws = [None] * world
+    torch.distributed.all_gather_object(draws, torch.rand(()).item())  # each rank's next random number
+    record = {"restored": _full(model), "losses": [], "weights": {}, "draws": draws}
     for step in range(*steps):
         masks, classes = model(_batch(step).chunk(world)[rank])
         loss = masks[-1].square().mean() + classes[-1].logsumexp(-1).mean()
@@ -325,6 +327,7 @@ def test_resume_on_another_number_of_ranks_gives_the_same_weights_and_next_loss(
     assert all(torch.equal(v, two["weights"][3][k]) for k, v in one["restored"].items())
     assert two["losses"] == pytest.approx(whole["losses"][2:3], rel=1e-5)
     assert one["losses"] == pytest.approx(whole["losses"][3:4], rel=1e-5)
+    assert two["draws"][1] != two["draws"][0]  # the rank the 1-rank run lacked draws a stream of its own
     assert _close(one["weights"][4], whole["weights"][4])
     assert {p.name for p in (tmp_path / "resumed" / "step_00000003").iterdir()} == {
         ".metadata",
