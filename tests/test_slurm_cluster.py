@@ -401,6 +401,7 @@ def test_scancel_saves_at_the_step_boundary_and_stays_cancelled(slurm_env, tmp_p
 
 # Long enough that neither job ends before the slower-starting launcher job is running, on an idle machine.
 TWO_NODE_STEPS = 450  # the demo's whole run is 500 steps
+TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", f"--time={LIMIT_MIN}")  # one rank on each node
 
 
 def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tmp_path):
@@ -409,9 +410,7 @@ def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tm
     job_id, job_out = sbatch(
         env,
         tmp_path,
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        f"--time={LIMIT_MIN}",
+        *TWO_NODES,
         overrides=[
             f"trainer.max_steps={TWO_NODE_STEPS}",
             "trainer.ckpt_every_steps=100000",
@@ -483,9 +482,7 @@ def test_two_nodes_fsdp_saves_sharded_on_usr2_and_resumes_after_the_requeue(slur
     job_id, job_out = sbatch(
         env,
         tmp_path,
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        f"--time={LIMIT_MIN}",
+        *TWO_NODES,
         overrides=[
             "trainer.strategy=fsdp",
             "trainer.compile=false",
