@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from eomt import distributed, sharded
-from eomt.atomic import atomic_open, disk_full_as_one_line, is_disk_full
+from eomt.atomic import atomic_open, disk_full_as_one_line
 from eomt.errors import CheckpointError, ConfigError, DiskFullError
 from eomt.model.weight_formats import load_weights_only
 
@@ -178,17 +178,12 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.folder / self.file_name(step)
-        latest = self.latest()
-        resume = (
-            f"; the run resumes from step {int(_STEP_FILE.match(latest.name).group(1))} ({latest.name})"
-            if latest
-            else "; the run starts again from step 0"
-        )
-        atomic_save(state, path, note=resume)
+        atomic_save(state, path, note=self._resume_note())
         self._prune()
         return path
 
     def _resume_note(self) -> str:
+        """Where the run resumes if this save fails (for the full-disk message)."""
         latest = self.latest()
         if latest is None:
             return "; the run starts again from step 0"
@@ -305,14 +300,12 @@ class CheckpointManager:
         disk_full = distributed.broadcast_object(disk_full)
         if disk_full is None:
             content = sharded.state_of(*self._sharded_parts())
-            try:
-                sharded.save(content, tmp)
-            except Exception as e:  # DCP raises the same error on every rank, naming each rank's failure
-                if not _disk_full_anywhere(e):
-                    raise
-                size = sum(tensor_bytes(v) for v in content.values())
+            size = tensor_bytes(content)  # a DTensor counts whole: the size of every rank's shards
+            try:  # DCP raises a rank's failure on every rank
                 with disk_full_as_one_line(final, size, note):
-                    raise
+                    sharded.save(content, tmp)
+            except DiskFullError as e:
+                disk_full = str(e)
         if disk_full is not None:
             if distributed.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -405,14 +398,6 @@ def _optimizer_state_by_index(state: dict) -> dict:
     index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
     return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
-
-
-def _disk_full_anywhere(error: BaseException) -> bool:
-    """Whether `error`, or a rank's failure that DCP's CheckpointException carries, is a full disk."""
-    failures = getattr(error, "failures", None) or {}
-    return is_disk_full(error) or any(
-        isinstance(f, BaseException) and is_disk_full(f) for f in failures.values()
-    )
 
 
 def _install(tmp: Path, final: Path) -> None:

@@ -165,33 +165,39 @@ def apply(
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Every rank writes its shards of `state` (nested dicts of tensors / DTensors) into `path`; collective."""
+    """Every rank writes its shards of `state` (nested dicts of tensors / DTensors) into `path`; collective.
+    A rank's failure is raised on every rank (as DCP does), as that rank's own exception (a full disk:
+    its OSError)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with _one_process_is_intended():
-        dcp.save(state, checkpoint_id=path)
+    try:
+        with _one_process_is_intended():
+            dcp.save(state, checkpoint_id=path)
+    except CheckpointException as error:
+        raise _first_failure(error) from error
 
 
 def load(state: dict[str, Any], path: Path) -> None:
     """Read the checkpoint in `path` into `state` in place (resharding to its tensors); collective when a
     process group is initialised. CheckpointError when the checkpoint is damaged."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     check_complete(path)
     reader, planner = _weights_only_reading()
     try:
         with _one_process_is_intended():
             dcp.load(state, storage_reader=reader(path), planner=planner())
-    except CheckpointError:
-        raise
-    except Exception as error:
-        raise CheckpointError(f"{path} cannot be read: {_first_line(error)}") from error
+    except (Exception, CheckpointException) as error:  # CheckpointException: a BaseException
+        raise CheckpointError(f"{path} cannot be read: {_first_line(_first_failure(error))}") from error
 
 
 def read_full(path: str | Path, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The whole checkpoint (or its top-level `parts`, e.g. ("model",)) as one nested dict of full
     tensors, read in this process alone (no process group needed, none used)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
@@ -215,8 +221,8 @@ def read_full(path: str | Path, parts: tuple[str, ...] | None = None) -> dict[st
                 planner=planner(flatten_state_dict=False, flatten_sharded_tensors=False),
                 no_dist=True,
             )
-    except Exception as error:
-        raise CheckpointError(f"{path} cannot be read: {_first_line(error)}") from error
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"{path} cannot be read: {_first_line(_first_failure(error))}") from error
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         _set(nested, where.get(key, (key,)), value)
@@ -247,6 +253,16 @@ def _one_process_is_intended() -> Iterator[None]:
             "ignore", message="torch.distributed is .*uninitialized", category=UserWarning
         )
         yield
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (`failures`: rank -> (exception,
+    traceback)); any other error as it is."""
+    for failure in (getattr(error, "failures", None) or {}).values():
+        failure = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(failure, BaseException):
+            return failure
+    return error
 
 
 def _first_line(error: BaseException) -> str:

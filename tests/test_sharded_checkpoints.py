@@ -481,3 +481,29 @@ def test_train_py_resumes_two_fsdp_ranks_checkpoint_on_one(tmp_path, tmp_path_fa
         "__0_0.distcp",
         sharded.TRAIN_STATE,
     }
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_loses_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint import filesystem
+
+    model, optimizer = _parts(0)
+    manager = _manager(tmp_path, model, optimizer, TrainState(step=1))
+    manager.save_training_state(1)
+
+    @contextmanager
+    def full_disk(self, path, mode):
+        raise OSError(errno.ENOSPC, "No space left on device")
+        yield
+
+    monkeypatch.setattr(filesystem.FileSystem, "create_stream", full_disk)
+    manager.train_state.step = 2
+    with pytest.raises(SystemExit), user_errors():
+        manager.save_training_state(2)
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "Traceback" not in message
+    assert f"no space left on the device of {tmp_path}: could not write step_00000002 (" in message
+    assert "resumes from step 1 (step_00000001)" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # no temp directory left
