@@ -6,12 +6,27 @@ import pytest
 import torch
 
 from eomt.errors import ConfigError
-from eomt.parallel import CHECKPOINT_PREFIX, apply_activation_checkpointing, checkpoint_every
+from eomt.parallel import CHECKPOINT_PREFIX, apply_activation_checkpointing, check_strategy, checkpoint_every
 
 
 @pytest.mark.parametrize(("setting", "every"), [("none", 0), (None, 0), ("blocks", 1), (1, 1), (3, 3)])
 def test_checkpoint_every_reads_the_setting(setting, every):
     assert checkpoint_every(setting) == every
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.strategy=zero3"], "trainer.strategy=zero3 is not one of ddp|fsdp"),
+        (["trainer.strategy=fsdp", "trainer.precision=fp16"], "use trainer.precision=bf16"),
+        (["trainer.activation_checkpointing=some"], "trainer.activation_checkpointing=some is not one of"),
+    ],
+)
+def test_strategy_mistakes_are_one_line(overrides, message):
+    from eomt.config import compose
+
+    with pytest.raises(ConfigError, match=message):
+        check_strategy(compose(["experiment=demo", *overrides]).trainer)
 
 
 @pytest.mark.parametrize("setting", ["all", 0.5, -1, True])
@@ -128,7 +143,11 @@ def _two_rank_worker(rank: int, port: int, root: str, cache: str) -> None:
             ),
             "state": state,
             "sharded": [type(p).__name__ for p in run.model.parameters()][:1],
+            "replicas": train.distributed.check_replicas(run.model),
         }
+    with torch.no_grad():
+        run.model.attn_mask_probs[0] += rank  # a replicated buffer drifts on rank 1
+    out["drifted"] = train.distributed.check_replicas(run.model)
     torch.save(out, Path(root, f"rank{rank}.pt"))
     train.distributed.cleanup()
 
@@ -182,6 +201,9 @@ def test_fsdp_trains_as_ddp_does_with_half_the_memory_per_rank(tmp_path, tmp_pat
     assert initial_change == 0  # ddp's replicas agree, and fsdp's gathered copy is the same on both ranks
     for name, value in fsdp["state"].items():
         assert torch.equal(value, ranks[1]["fsdp"]["state"][name]), name
+
+    # under fsdp the replica check compares what is replicated (buffers), not the shards
+    assert [(r["fsdp"]["replicas"], r["drifted"]) for r in ranks] == [(True, False)] * 2
 
     # each rank holds about half of the parameters and of the AdamW moments
     for rank in ranks:
