@@ -1,6 +1,7 @@
 """Sharded checkpoints (trainer.strategy=fsdp): DCP directories written as safely as our .pt files, read
 weights-only, resumed on another number of ranks, read whole without a process group."""
 
+import io
 import logging
 import os
 import pickle
@@ -213,6 +214,14 @@ def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(tmp_path, monk
         CheckpointError, match=r"\.metadata is unreadable .*Unsupported global: GLOBAL posix\.system"
     ):
         sharded.read_full(path)
+    crafted = io.BytesIO()
+    torch.save(
+        {"lr": _Boom()}, crafted
+    )  # a crafted non-tensor value (DCP reads those with weights_only=False)
+    crafted.seek(0)
+    _, planner = sharded._weights_only_reading()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        planner().load_bytes(None, crafted)
     assert not (tmp_path / "PWNED").exists()
 
 
