@@ -136,6 +136,17 @@ def test_a_damaged_newest_sharded_checkpoint_falls_back_with_a_warning(tmp_path,
         CheckpointManager.load(tmp_path / "step_00000002.corrupt")
 
 
+def test_a_step_saved_again_replaces_its_directory(tmp_path):
+    """A run started again with trainer.resume=never saves the same steps again."""
+    model, optimizer = _parts(0)
+    _manager(tmp_path, model, optimizer, TrainState(step=1)).save_training_state(1)
+    other, other_optimizer = _parts(1)
+    _manager(tmp_path, other, other_optimizer, TrainState(step=1)).save_training_state(1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # no temp left
+    whole = CheckpointManager.load(tmp_path / "step_00000001")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in whole["model"].items())
+
+
 def test_start_removes_interrupted_sharded_writes_but_readers_leave_them(tmp_path):
     leftover = tmp_path / ".step_00000004.k2j3.tmp"
     leftover.mkdir(parents=True)
