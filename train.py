@@ -39,8 +39,6 @@ from eomt.device import AMP_DTYPES, resolve_device, training_precision
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
 from eomt.parallel import (
-    FullModelState,
-    FullOptimizerState,
     UnshardedCopy,
     check_strategy,
     clip_grad_norm,
@@ -233,9 +231,6 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     # checkpointing, compile and DDP / FSDP (eomt.parallel); the optimiser after: fsdp makes new parameters
     forward_model = wrap_for_training(model, cfg.trainer, device, env.world_size, precision)
     optimizer = build_optimizer(cfg, model, device)
-    parts = {"model": model, "optimizer": optimizer, "scaler": scaler}
-    if fsdp:  # the same single-file checkpoints as ddp, gathered on rank 0
-        parts.update(model=FullModelState(model), optimizer=FullOptimizerState(model, optimizer))
     state = TrainState()
     sched = cfg.schedule
     return Run(
@@ -268,8 +263,9 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
             cfg.trainer.keep_last,
             every_steps=cfg.trainer.ckpt_every_steps,
             train_state=state,
-            parts=parts,
+            parts={"model": model, "optimizer": optimizer, "scaler": scaler},
             config=OmegaConf.to_container(cfg, resolve=True),
+            sharded=fsdp,  # fsdp: every rank writes its shards (step_N/ directories)
         ),
         evaluation=evaluation,
         evaluated=(lambda: model) if unsharded is None else (lambda: unsharded(model)),

@@ -1,7 +1,7 @@
 """The config a checkpoint brings, so that a run directory or a Transformers folder loads as it is.
 
-- a run directory, or a checkpoint file inside one (`<run>/checkpoints/step_N.pt`): the run's resolved
-  `config.yaml` (eomt.run_info); a checkpoint file of ours elsewhere: the resolved config it carries;
+- a run directory, or a checkpoint inside one (`<run>/checkpoints/step_N.pt`, a sharded `step_N/`): the
+  run's resolved `config.yaml` (eomt.run_info); a checkpoint of ours elsewhere: the resolved config it carries;
 - a Transformers `save_pretrained` folder, a weights file in one, or `hf://<org>/<repo>` holding one: its
   `config.json` (hidden size, depth, heads, query blocks, queries, classes, image size, label names);
 - a released name (`tue-mps/<repo>`): its preset (eomt.model_zoo.with_preset).
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from eomt import model_zoo
+from eomt import model_zoo, sharded
 from eomt.config import CONF_DIR, compose
 from eomt.errors import CheckpointError
 
@@ -58,7 +58,10 @@ def run_directory(checkpoint: str | Path) -> Path | None:
 
 
 def training_config(checkpoint: Path) -> dict | None:
-    """The resolved config a checkpoint file of ours carries (None for the release's and Transformers')."""
+    """The resolved config a checkpoint file of ours carries (None for the release's and Transformers');
+    a sharded checkpoint directory carries it in its train state file."""
+    if sharded.is_sharded(checkpoint):
+        checkpoint = checkpoint / sharded.TRAIN_STATE
     if not checkpoint.is_file():
         return None
     try:
@@ -77,7 +80,8 @@ def run_config(checkpoint: str | Path | None) -> DictConfig | None:
     if run_dir is not None:
         return OmegaConf.load(run_dir / RUN_CONFIG)
     path = Path(checkpoint)
-    carried = training_config(path) if path.suffix in (".pt", ".pth", ".ckpt") else None
+    ours = path.suffix in (".pt", ".pth", ".ckpt") or sharded.is_sharded(path)
+    carried = training_config(path) if ours else None
     return OmegaConf.create(carried) if carried and all(s in carried for s in _SECTIONS) else None
 
 

@@ -1,7 +1,9 @@
 """Training state: the counters a run carries (`TrainState`) and complete, atomic checkpoints of it.
 
-A run directory holds `checkpoints/step_00001234.pt` files. A file only ever appears under its
-final name once it is completely written (temp file + `os.replace`), so the newest one is always
+A run directory holds `checkpoints/step_00001234.pt` files, or under trainer.strategy=fsdp sharded
+`checkpoints/step_00001234/` directories (eomt.sharded: model and optimiser through Distributed
+Checkpoint, every rank writing its shards). A file or directory only ever appears under its final name
+once it is completely written (a temp file or directory, then a rename), so the newest one is always
 safe to resume from, even after a hard kill. `CheckpointManager` writes them on its own cadence
 (`maybe_save(step, last)`) and restores the newest; reading a checkpoint into a network, whatever
 its origin (a file, a run directory, a hub name), is the loading side's (`eomt.api`).
@@ -13,22 +15,29 @@ import ast
 import logging
 import random
 import re
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
-from eomt import distributed
+from eomt import distributed, sharded
 from eomt.atomic import atomic_open, disk_full_as_one_line
 from eomt.errors import CheckpointError, ConfigError, DiskFullError
 from eomt.model.weight_formats import load_weights_only
 
 log = logging.getLogger(__name__)
 
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")  # step_N.pt files, sharded step_N/ directories
+_SHARDED_PARTS = (
+    "model",
+    "optimizer",
+)  # what a sharded checkpoint holds through DCP; the rest: train_state.pt
 
 
 def atomic_save(obj: Any, path: str | Path, note: str = "") -> None:
@@ -94,10 +103,11 @@ class TrainState:
 
 
 class CheckpointManager:
-    """Writes `step_N.pt` files into `folder`, keeps the newest `keep_last`, finds the latest.
+    """Writes `step_N.pt` files (`sharded=True`: `step_N/` DCP directories) into `folder`, keeps the
+    newest `keep_last`, finds the latest (files and directories alike).
 
-    On start it removes the temp files of writes that a kill interrupted (each as large as a
-    checkpoint). On resume an unreadable newest checkpoint is renamed to `*.corrupt` (kept for a
+    On start it removes the temp files and directories of writes that a kill interrupted (each as large
+    as a checkpoint). On resume an unreadable newest checkpoint is renamed to `*.corrupt` (kept for a
     look, never deleted) and the previous one is used.
 
     Given the training state (`train_state`, the `parts` such as model / optimizer / scaler, and the
@@ -115,8 +125,11 @@ class CheckpointManager:
         train_state: TrainState | None = None,
         parts: Mapping[str, Stateful] | None = None,
         config: dict[str, Any] | None = None,
+        sharded: bool = False,
     ):
-        """`clean_up=False` for readers (evaluate.py on a run that may be writing right now)."""
+        """`clean_up=False` for readers (evaluate.py on a run that may be writing right now).
+        `sharded=True` (trainer.strategy=fsdp): the model and optimiser parts are saved as every rank's
+        shards; restoring reads either kind on any number of ranks."""
         if keep_last < 1:
             raise ConfigError(f"trainer.keep_last must be >= 1, got {keep_last}")
         if every_steps is not None and every_steps < 1:
@@ -127,6 +140,7 @@ class CheckpointManager:
         self.train_state = train_state
         self.parts = dict(parts or {})
         self.config = config
+        self.sharded = sharded
         self._saved: tuple[int, Path] | None = None  # (step, file) of this run's newest checkpoint
         if clean_up:
             self._remove_interrupted_writes()
@@ -135,18 +149,28 @@ class CheckpointManager:
     def file_name(step: int) -> str:
         return f"step_{step:08d}.pt"
 
+    @staticmethod
+    def dir_name(step: int) -> str:
+        return f"step_{step:08d}"
+
     def _remove_interrupted_writes(self) -> None:
         if not self.folder.is_dir():
             return
-        for tmp in self.folder.glob(".step_*.pt.*.tmp"):  # eomt.atomic's temp names
-            tmp.unlink(missing_ok=True)
+        for tmp in self.folder.glob(".step_*.tmp"):  # eomt.atomic's temp files, our temp directories
+            _remove(tmp)
             log.info("removed %s, left by an interrupted checkpoint write", tmp)
 
     def checkpoints(self) -> list[Path]:
+        """The checkpoints, oldest first: `step_N.pt` files and `step_N/` directories (a directory wins
+        a tie on the step)."""
         if not self.folder.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _STEP_FILE.match(p.name))]
-        return [p for _, p in sorted(found)]
+        found = [
+            (int(m.group(1)), p.is_dir(), p)
+            for p in self.folder.iterdir()
+            if (m := _STEP_FILE.match(p.name)) and p.is_dir() != bool(m.group(2))
+        ]
+        return [p for *_, p in sorted(found)]
 
     def latest(self) -> Path | None:
         files = self.checkpoints()
@@ -154,21 +178,34 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.folder / self.file_name(step)
-        latest = self.latest()
-        resume = (
-            f"; the run resumes from step {int(_STEP_FILE.match(latest.name).group(1))} ({latest.name})"
-            if latest
-            else "; the run starts again from step 0"
-        )
-        atomic_save(state, path, note=resume)
-        for old in self.checkpoints()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+        atomic_save(state, path, note=self._resume_note())
+        self._prune()
         return path
+
+    def _resume_note(self) -> str:
+        """Where the run resumes if this save fails (for the full-disk message)."""
+        latest = self.latest()
+        if latest is None:
+            return "; the run starts again from step 0"
+        return f"; the run resumes from step {int(_STEP_FILE.match(latest.name).group(1))} ({latest.name})"
+
+    def _prune(self) -> None:
+        for old in self.checkpoints()[: -self.keep_last]:
+            _remove(old)
 
     @staticmethod
     def load(path: str | Path) -> dict[str, Any]:
-        """One checkpoint; CheckpointError naming the file when it cannot be read."""
-        return load_weights_only(path)
+        """One checkpoint, whole; CheckpointError naming the file when it cannot be read. A sharded one is
+        read in this process alone into the layout of a `.pt` file (full tensors, the optimiser's state
+        by parameter index), which eomt.consolidate writes."""
+        path = Path(path)
+        if not path.is_dir():
+            return load_weights_only(path)
+        state = _load_train_state(path)
+        content = sharded.read_full(path)
+        if "optimizer" in content:
+            content["optimizer"] = _optimizer_state_by_index(content["optimizer"])
+        return state | content
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest readable checkpoint and its contents, or None when there is none yet.
@@ -176,12 +213,24 @@ class CheckpointManager:
         Unreadable ones (truncated, garbage, zero-filled, empty) are renamed to `*.corrupt` with a
         warning naming them; CheckpointError when checkpoints exist but none can be read.
         """
+        return self._newest_readable(self.load, collective=False)
+
+    def _newest_readable(
+        self, read: Callable[[Path], dict[str, Any]], collective: bool
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """`read` the newest checkpoint; one it cannot read (CheckpointError) is set aside as `*.corrupt`
+        with a warning and the previous one is tried. `collective`: every rank calls this and `read`
+        raises on all of them alike; rank 0 renames once all have seen the error."""
         found = self.checkpoints()
         for path in reversed(found):
             try:
-                return path, self.load(path)
+                return path, read(path)
             except CheckpointError as error:
-                corrupt = _set_aside(path)
+                if collective:
+                    distributed.barrier()
+                corrupt = _set_aside(path) if distributed.is_main() or not collective else None
+                if collective:
+                    corrupt = distributed.broadcast_object(corrupt)
                 log.warning("%s; renamed it to %s and trying the previous checkpoint", error, corrupt.name)
         if found:
             raise CheckpointError(
@@ -208,41 +257,175 @@ class CheckpointManager:
             return self._saved[1]
         if self.train_state is None:
             raise ValueError("CheckpointManager was built without a train_state: nothing to save")
-        state = {name: part.state_dict() for name, part in self.parts.items()}
+        in_dcp = _SHARDED_PARTS if self.sharded else ()
+        state = {name: part.state_dict() for name, part in self.parts.items() if name not in in_dcp}
         state.update(self.train_state.state_dict())
         state["rng"] = distributed.all_gather_object(rng_state())
         state["config"] = self.config
-        path, disk_full = None, None
-        if distributed.is_main():
-            try:
-                path = self.save(state, step)
-            except DiskFullError as e:  # every rank stops with the same line, none waits for the others
-                disk_full = str(e)
-        distributed.barrier()
-        path, disk_full = distributed.broadcast_object((path, disk_full))
-        if disk_full is not None:
-            raise DiskFullError(disk_full)
+        if self.sharded:
+            path = self._save_sharded(state, step)
+        else:
+            path, disk_full = None, None
+            if distributed.is_main():
+                try:
+                    path = self.save(state, step)
+                except DiskFullError as e:  # every rank stops with the same line, none waits for the others
+                    disk_full = str(e)
+            distributed.barrier()
+            path, disk_full = distributed.broadcast_object((path, disk_full))
+            if disk_full is not None:
+                raise DiskFullError(disk_full)
         self._saved = (step, Path(path))
         if distributed.is_main():
             log.info("saved %s", path)
         return self._saved[1]
 
+    def _save_sharded(self, state: dict[str, Any], step: int) -> Path:
+        """Every rank writes its shards into a temp directory (rank 0 also `train_state.pt`: `state`);
+        once all have finished, rank 0 renames it to `step_N/`. A full disk: one DiskFullError on every rank."""
+        final = self.folder / self.dir_name(step)
+        note, tmp = None, None
+        if distributed.is_main():
+            note = self._resume_note()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=self.folder, prefix=f".{final.name}.", suffix=".tmp")
+        note, tmp = distributed.broadcast_object((note, tmp))
+        tmp = Path(tmp)
+        disk_full = None
+        if distributed.is_main():
+            try:
+                atomic_save(state, tmp / sharded.TRAIN_STATE, note=note)
+            except DiskFullError as e:
+                disk_full = str(e)
+        disk_full = distributed.broadcast_object(disk_full)
+        if disk_full is None:
+            content = sharded.state_of(*self._sharded_parts())
+            size = tensor_bytes(content)  # a DTensor counts whole: the size of every rank's shards
+            try:  # DCP raises a rank's failure on every rank
+                with disk_full_as_one_line(final, size, note):
+                    sharded.save(content, tmp)
+            except DiskFullError as e:
+                disk_full = str(e)
+        if disk_full is not None:
+            if distributed.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFullError(disk_full)
+        distributed.barrier()  # every rank's shards are written
+        if distributed.is_main():
+            _install(tmp, final)
+            self._prune()
+        distributed.barrier()
+        return final
+
+    def _sharded_parts(self) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
+        model = self.parts.get("model")
+        if not isinstance(model, nn.Module):
+            raise ValueError("a sharded checkpoint needs the model among the parts")
+        optimizer = self.parts.get("optimizer")
+        return model, [optimizer] if optimizer is not None else []
+
     def restore_training_state(self) -> Path | None:
         """Put the newest readable checkpoint into the parts, the TrainState and this rank's RNG streams;
-        its path, or None when there is none yet (nothing changed)."""
+        its path, or None when there is none yet (nothing changed). Either kind of checkpoint restores
+        into a sharded or a plain model, on any number of ranks."""
         if self.train_state is None:
             raise ValueError("CheckpointManager was built without a train_state: nothing to restore")
-        found = self.load_latest()
+        found = self._newest_readable(self._restore_from, collective=True)
         if found is None:
             return None
         path, state = found
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
         self.train_state.load_state_dict(state)
         rngs, rank = state["rng"], distributed.rank()
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        if rank >= len(rngs):  # a rank the saving run did not have: its own streams, drawn from rank 0's
+            seed = int(torch.randint(2**31, ())) + rank
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
         self._saved = (self.train_state.step, path)
         return path
+
+    def _restore_from(self, path: Path) -> dict[str, Any]:
+        """Load the checkpoint at `path` into the parts; the rest of its content (counters, RNG, config).
+        CheckpointError on every rank when it cannot be read (nothing is then half-loaded that a
+        previous checkpoint would not overwrite)."""
+        error = None
+        try:  # each rank checks the files on its own, then all agree, before any collective read
+            state = _load_train_state(path) if path.is_dir() else self.load(path)
+            if path.is_dir():
+                sharded.check_complete(path)
+        except CheckpointError as e:
+            error = e
+        if not distributed.all_true(error is None):
+            raise error or CheckpointError(f"{path} cannot be read on another rank")
+        in_dcp = _SHARDED_PARTS if path.is_dir() or self.sharded else ()
+        if in_dcp:
+            model, optimizers = self._sharded_parts()
+            if path.is_dir():
+                content = sharded.state_of(model, optimizers)
+                sharded.load(content, path)
+            else:  # a step_N.pt (a run that trained with ddp) into a sharded model: full tensors
+                content = {"model": state["model"]}
+                if optimizers:
+                    content["optimizer"] = _optimizer_state_by_name(model, optimizers[0], state["optimizer"])
+            sharded.apply(model, optimizers, content, full=not path.is_dir())
+        for name, part in self.parts.items():
+            if name not in in_dcp:
+                part.load_state_dict(state[name])
+        return state
+
+
+def _load_train_state(path: Path) -> dict[str, Any]:
+    try:
+        return load_weights_only(path / sharded.TRAIN_STATE)
+    except FileNotFoundError as error:
+        raise CheckpointError(
+            f"{path} has no {sharded.TRAIN_STATE}: its save did not finish, or it was damaged"
+        ) from error
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """`optimizer.state_dict()` of a plain run (parameters by their index) keyed by parameter names,
+    as DCP's state dict API reads it (and names them: without wrappers' prefixes)."""
+    groups = sharded.state_of(model, [optimizer])["optimizer"]["param_groups"]
+    order = [name for group in groups for name in group["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def _optimizer_state_by_index(state: dict) -> dict:
+    """The inverse: DCP's optimiser state (by parameter name) as `optimizer.state_dict()` gives it."""
+    index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final`; a `final` already there (the same step saved
+    again) is moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+        final.rename(old / final.name)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint or a temp; a directory is renamed to a temp name first, so that a kill half-way
+    leaves a temp (removed at the next start), never a half-deleted checkpoint."""
+    if not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    doomed = path
+    if not path.name.endswith(".tmp"):
+        doomed = path.with_name(f".{path.name}.removing.tmp")
+        try:
+            path.rename(doomed)
+        except FileNotFoundError:
+            return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _set_aside(path: Path) -> Path:

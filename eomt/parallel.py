@@ -13,26 +13,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from eomt.compilation import compile_for_training
-from eomt.errors import CheckpointError, ConfigError
+from eomt.errors import ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # in named_parameters() of a checkpointed block only
@@ -181,40 +174,3 @@ class UnshardedCopy:
         full = copy.deepcopy(self.template)
         full.load_state_dict(state, assign=True)
         return full.train(sharded.training)
-
-
-class FullModelState:
-    """The sharded model's state as one full state dict (rank 0 holds it, on the CPU), so that the
-    single-file checkpoints of `eomt.checkpointing` hold what a DDP run's do; loads a full state dict
-    into the shards on every rank. (Interim: sharded DCP checkpoints replace it.)"""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
-
-
-class FullOptimizerState(FullModelState):
-    """The optimiser state of the sharded model as one full state dict, keyed by parameter name."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        super().__init__(model)
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if any(isinstance(key, int) for key in state.get("state", {})):  # torch's own, keyed by position
-            raise CheckpointError(
-                "the checkpoint's optimiser state was written by trainer.strategy=ddp; resume it with "
-                "trainer.strategy=ddp, or start a new run from its weights with trainer.init_from=<checkpoint>"
-            )
-        options = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=options)

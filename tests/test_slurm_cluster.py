@@ -415,6 +415,7 @@ def test_scancel_saves_at_the_step_boundary_and_stays_cancelled(slurm_env, tmp_p
 
 # Long enough that neither job ends before the slower-starting launcher job is running, on an idle machine.
 TWO_NODE_STEPS = 450  # the demo's whole run is 500 steps
+TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", f"--time={LIMIT_MIN}")  # one rank on each node
 
 
 def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tmp_path):
@@ -423,9 +424,7 @@ def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tm
     job_id, job_out = sbatch(
         env,
         tmp_path,
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        f"--time={LIMIT_MIN}",
+        *TWO_NODES,
         overrides=[
             f"trainer.max_steps={TWO_NODE_STEPS}",
             "trainer.ckpt_every_steps=100000",
@@ -488,3 +487,43 @@ def test_two_nodes_one_rank_each_usr2_saves_once_and_requeues_once(slurm_env, tm
             torch.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)["step"]
             == TWO_NODE_STEPS
         )
+
+
+# --- issue 19: a sharded (fsdp) run over both nodes, stopped by USR2, requeued, finished ------------------
+def test_two_nodes_fsdp_saves_sharded_on_usr2_and_resumes_after_the_requeue(slurm_env, tmp_path):
+    env = slurm_env
+    run_dir, steps = tmp_path / "run", 40  # about 10 s of steps: the signal lands in the first ones
+    job_id, job_out = sbatch(
+        env,
+        tmp_path,
+        *TWO_NODES,
+        overrides=[
+            "trainer.strategy=fsdp",
+            "trainer.compile=false",
+            f"trainer.max_steps={steps}",
+            "trainer.ckpt_every_steps=100000",
+            "trainer.num_workers=0",
+            *NO_EVAL,
+            f"hydra.run.dir={run_dir}",
+        ],
+    )
+    wait_until(env, "the training loop", lambda: loop_running(run_dir), timeout=300)
+    assert job_info(env, job_id)["NodeList"] == "n[1-2]"
+    sh(env, "scancel", "--signal=USR2", job_id)
+    info = wait_for_end(env, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text(job_out)[-3000:]
+    log = log_of(run_dir)
+    (stopped,) = set(re.findall(r"checkpoint written at step (\d+)", log))
+    assert set(re.findall(r"resumed from \S+step_(\d+) at step \d+", log)) == {stopped.zfill(8)}, log[-3000:]
+    saved = re.findall(r"\] saved (\S+)", log)  # the stop and the end, each a sharded directory
+    assert saved == [str(run_dir / "checkpoints" / f"step_{int(s):08d}") for s in (stopped, steps)], log[
+        -3000:
+    ]
+    final = Path(saved[-1])
+    assert {p.name for p in final.iterdir()} == {
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "train_state.pt",
+    }
+    assert torch.load(final / "train_state.pt", weights_only=True)["step"] == steps

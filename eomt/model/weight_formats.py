@@ -2,7 +2,8 @@
 
 The layout is recognised from the keys; no user conversion:
 
-- ours: a trainer checkpoint `{"model": state_dict, ...}` or a bare EoMT state dict.
+- ours: a trainer checkpoint `{"model": state_dict, ...}`, a sharded one (a `step_N/` directory: eomt.sharded)
+  or a bare EoMT state dict.
 - the authors' released `pytorch_model.bin` (state dict possibly under "state_dict"), keys under `network.`:
   - DINOv2 models keep timm's backbone keys (`network.encoder.backbone.blocks.0.attn.qkv.weight`);
   - DINOv3 models keep the Transformers DINOv3 backbone layout
@@ -33,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from eomt import sharded
 from eomt.errors import CheckpointError
 
 _PLACEHOLDERS = {"i": r"\d+", "p": r"weight|bias", "rest": r".+"}
@@ -295,6 +297,8 @@ def _weights_file(directory: Path) -> Path:
 
 
 def _read_tensors(path: Path) -> Mapping:
+    if sharded.is_sharded(path):  # a training run's step_N/ directory (trainer.strategy=fsdp)
+        return sharded.model_state(path)
     if path.is_dir():
         path = _weights_file(path)
     if path.name.endswith(".index.json"):
