@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from test_model_zoo import cache_repo
 
 from eomt import model_zoo
 from eomt.config import compose
@@ -96,6 +97,26 @@ def test_pretrained_webssl_backbone_runs_as_the_transformers_model(tmp_path, key
         torch.testing.assert_close(
             run_backbone(vit, images), reference(pixel_values=images).last_hidden_state, atol=1e-5, rtol=1e-4
         )
+
+
+def test_pretrained_webssl_backbone_loads_by_hub_name_from_sharded_files_in_the_cache(tmp_path, monkeypatch):
+    """As the 7B repo is stored: safetensors shards and their index, read through the offline cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    state = as_transformers_4(transformers_dinov2().state_dict())
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, tmp_path / name)
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    files = ["model.safetensors.index.json", *shards]
+    cache_repo(tmp_path / "cache", WEBSSL, {name: tmp_path / name for name in files})
+
+    check_pretrained_reachable(WEBSSL)  # cached: no error
+    vit = create_backbone(WEBSSL, (64, 64), 16, pretrained=True, config=NARROW)
+    torch.testing.assert_close(vit.blocks[3].mlp.fc1.weight, state["encoder.layer.3.mlp.weights_in.weight"])
+    torch.testing.assert_close(vit.pos_embed, state["embeddings.position_embeddings"])  # same 4x4 grid
 
 
 def release_checkpoint(reference, donor: EoMT) -> dict:
