@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from test_model_zoo import cache_repo
 
-from eomt import model_zoo
+from eomt import api, model_zoo
 from eomt.config import compose
 from eomt.errors import ConfigError
 from eomt.model import EoMT, build_model, load_checkpoint
@@ -194,11 +194,30 @@ def test_dinov3_7b_blocks_train_on_a_narrow_stand_in():
     assert network.backbone.blocks[0].gamma_1 is not None  # layer scale, as DINOv3-7B has
 
 
-def test_release_7b_loads_by_name_with_its_preset():
-    overrides = model_zoo.with_preset(["checkpoint=tue-mps/coco_panoptic_eomt_7b_640"])
+def test_release_7b_loads_by_name_with_its_preset(tmp_path, monkeypatch):
+    """`checkpoint=tue-mps/coco_panoptic_eomt_7b_640` from the offline cache: its preset (640 px, 5 query
+    blocks, 200 queries, 133 classes) with a narrow backbone, the weights at a 37x37 position grid."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    narrow = [f"model.backbone_config.{k}={NARROW[k]}" for k in ("hidden_size", "num_attention_heads")]
+    narrow.append("model.backbone_config.num_hidden_layers=6")
+    overrides = model_zoo.with_preset([*narrow, "checkpoint=tue-mps/coco_panoptic_eomt_7b_640"])
     assert "experiment=coco_panoptic_webssl_vit_7b_640" in overrides
     model_cfg = compose([o for o in overrides if not o.startswith("checkpoint=")]).model
     model_zoo.check_fits("tue-mps/coco_panoptic_eomt_7b_640", model_cfg)  # the preset is its network
+    reference = transformers_dinov2(num_hidden_layers=6, image_size=37 * 16)
+    donor = build_model({**OmegaConf.to_container(model_cfg, resolve=True), "pretrained": False})
+    torch.save({"state_dict": release_checkpoint(reference, donor)}, tmp_path / "pytorch_model.bin")
+    cache_repo(
+        tmp_path / "cache",
+        "tue-mps/coco_panoptic_eomt_7b_640",
+        {"pytorch_model.bin": tmp_path / "pytorch_model.bin"},
+    )
+
+    loaded = api.load(narrow, checkpoint="tue-mps/coco_panoptic_eomt_7b_640")
+    torch.testing.assert_close(loaded.class_head.weight, donor.class_head.weight)
+    torch.testing.assert_close(loaded.backbone.norm.weight, reference.layernorm.weight)
+    assert loaded.backbone.pos_embed.shape[1] == 1 + 40 * 40
 
 
 def test_hub_backbone_errors_are_one_line(tmp_path, monkeypatch):
