@@ -18,6 +18,7 @@ from eomt.errors import ConfigError
 from eomt.model import EoMT, build_model, load_checkpoint
 from eomt.model.backbone import BackboneRunner, create_backbone
 from eomt.model.pretrained import check_pretrained_reachable
+from eomt.model.transformers_backbone import is_hub_backbone
 from eomt.model.weight_formats import HF_DINOV2
 
 WEBSSL = "facebook/webssl-dino7b-full8b-518"
@@ -232,5 +233,6 @@ def test_hub_backbone_errors_are_one_line(tmp_path, monkeypatch):
         )
     with pytest.raises(ConfigError, match="num_register_tokens"):
         create_backbone(WEBSSL, (64, 64), 16, pretrained=False, config={**NARROW, "num_register_tokens": 4})
+    assert not is_hub_backbone("hf-hub:timm/vit_small_patch14_reg4_dinov2.lvd142m")  # timm's own hub names
     with pytest.raises(ConfigError, match="model.backbone_config=null"):
         create_backbone("vit_small_patch14_reg4_dinov2", (64, 64), 16, pretrained=False, config=NARROW)
