@@ -20,12 +20,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from eomt.api import load
-from eomt.errors import user_errors
+from eomt.errors import UserError, user_errors
 from eomt.model.eomt import EoMT
 from eomt.model.weight_formats import HF_EOMT_DINOV3, HF_EOMT_MLP, HF_EOMT_SWIGLU, Layout
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The network has no exact counterpart in Transformers."""
 
 

@@ -11,6 +11,7 @@ gradient clipping, the full network for evaluation) hide the difference from the
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -123,6 +124,9 @@ def shard(model: nn.Module, device: torch.device, world_size: int, precision: st
     for block in model.backbone.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # used at once by backward
+    # The network's outputs are slices of the last activations; nothing changes them in place (the fsdp-equals-
+    # ddp test would see lost gradients), so FSDP's warning about returned views says nothing here.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 # --- in the step ----------------------------------------------------------------------------------------
