@@ -13,7 +13,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -32,7 +30,7 @@ from tqdm import tqdm
 from eomt import distributed
 from eomt.api import load_model
 from eomt.checkpointing import CheckpointManager, TrainState
-from eomt.compilation import CompileStats, compile_for_training
+from eomt.compilation import CompileStats
 from eomt.config import check_config, check_overrides
 from eomt.data import build_dataset
 from eomt.data.collate import collate_train, count_skipped
@@ -40,6 +38,16 @@ from eomt.data.sampler import ResumableSampler, SeededSamples
 from eomt.device import AMP_DTYPES, resolve_device, training_precision
 from eomt.errors import ConfigError, user_errors
 from eomt.evaluation import Evaluation
+from eomt.parallel import (
+    FullModelState,
+    FullOptimizerState,
+    UnshardedCopy,
+    check_strategy,
+    clip_grad_norm,
+    gradient_sync,
+    is_sharded,
+    wrap_for_training,
+)
 from eomt.preemption import PreemptionHandler, TrainingStopped, ignore_in_dataloader_worker
 from eomt.profiling import LoadMeter, bf16_peak_flops, gflops_per_image, training_mfu
 from eomt.run_info import write_run_info
@@ -158,16 +166,6 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.schedule.lr, fused=device.type in ("cuda", "cpu"))
 
 
-def wrap_for_training(model: nn.Module, cfg: DictConfig, device: torch.device, world_size: int) -> nn.Module:
-    """What the loop calls forward on: the bare model, compiled in place by region, then in DDP (the bare
-    one is saved: no `_orig_mod.` keys)."""
-    if cfg.trainer.compile:
-        compile_for_training(model, **cfg.trainer.compile_options)
-    if world_size > 1:
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
-
-
 @dataclass
 class Run:
     cfg: DictConfig
@@ -178,8 +176,8 @@ class Run:
     data: TrainData
     total_steps: int
     last_step: int
-    model: nn.Module  # the bare module: saved, evaluated, annealed
-    forward_model: nn.Module  # compiled and/or DDP-wrapped
+    model: nn.Module  # the module trained, saved and annealed: the bare one, or itself sharded (fsdp)
+    forward_model: nn.Module  # what the loop calls: `model`, or `model` in DDP (eomt.parallel)
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -188,6 +186,7 @@ class Run:
     state: TrainState  # the counters: steps done, skipped steps
     checkpoints: CheckpointManager  # saves and restores model, optimizer, scaler, state on its cadence
     evaluation: Evaluation | None
+    evaluated: Callable[[], nn.Module]  # the full network to evaluate: `model`, or a gathered copy (fsdp)
     hparams: dict[str, Any]  # this run's row in TensorBoard's HParams tab
     forward_gflops: float | None  # one image's training forward (CUDA only: MFU in the log)
 
@@ -210,8 +209,11 @@ def forward_gflops(model: nn.Module, device: torch.device) -> float | None:
 def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
     """Every part of the run, in the order that matters (see the comments)."""
     check_config(cfg)
+    check_strategy(cfg.trainer)
     device = resolve_device(cfg.trainer.device)
-    env = distributed.init(device.type)
+    env = distributed.init(
+        device.type, group_of_one=cfg.trainer.strategy == "fsdp"
+    )  # fsdp shards over a group
     precision = training_precision(cfg.trainer.precision, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.trainer.deterministic:
@@ -223,13 +225,18 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     model = load_model(cfg.model, cfg.trainer.init_from, cfg.trainer.skip_class_head).train().to(device)
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample loss points and masks independently
     criterion = instantiate(cfg.loss).to(device)
-    optimizer = build_optimizer(cfg, model, device)
     evaluation = Evaluation.from_config(cfg, device) if cfg.eval.every_epochs else None
     gflops = forward_gflops(model, device)  # counted before compiling
     if env.world_size > 1:  # the ViT-Adapter baseline has BatchNorm (EoMT has none); params are kept
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    forward_model = wrap_for_training(model, cfg, device, env.world_size)
+    unsharded = UnshardedCopy(model) if cfg.trainer.strategy == "fsdp" else None  # before sharding
+    # checkpointing, compile and DDP / FSDP (eomt.parallel); the optimiser after: fsdp makes new parameters
+    forward_model = wrap_for_training(model, cfg.trainer, device, env.world_size, precision)
+    optimizer = build_optimizer(cfg, model, device)
+    parts = {"model": model, "optimizer": optimizer, "scaler": scaler}
+    if is_sharded(model):  # the same single-file checkpoints as ddp, gathered on rank 0
+        parts.update(model=FullModelState(model), optimizer=FullOptimizerState(model, optimizer))
     state = TrainState()
     sched = cfg.schedule
     return Run(
@@ -262,10 +269,11 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
             cfg.trainer.keep_last,
             every_steps=cfg.trainer.ckpt_every_steps,
             train_state=state,
-            parts={"model": model, "optimizer": optimizer, "scaler": scaler},
+            parts=parts,
             config=OmegaConf.to_container(cfg, resolve=True),
         ),
         evaluation=evaluation,
+        evaluated=(lambda: model) if unsharded is None else (lambda: unsharded(model)),
         hparams={
             "variant": cfg.get("variant") or "-",
             "model": cfg.model.name,
@@ -300,9 +308,7 @@ def optimisation_step(run: Run, micro_batches: list[Batch], step: int) -> dict[s
     for i, (images, targets) in enumerate(micro_batches):
         images = images.to(run.device, non_blocking=True).float().div_(255)
         targets = [{k: t[k].to(run.device, non_blocking=True) for k in ("masks", "labels")} for t in targets]
-        last = i == len(micro_batches) - 1
-        no_sync = run.forward_model.no_sync if run.world_size > 1 and not last else nullcontext
-        with no_sync():
+        with gradient_sync(run.forward_model, sync=i == len(micro_batches) - 1):
             with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                 mask_logits, class_logits = run.forward_model(images)
             if not run.cfg.trainer.intermediate_losses:
@@ -327,7 +333,7 @@ def optimisation_step(run: Run, micro_batches: list[Batch], step: int) -> dict[s
         return None
     run.state.bad_steps = 0
     run.scaler.unscale_(run.optimizer)
-    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.schedule.grad_clip)
+    terms["grad_norm"] = clip_grad_norm(run.model.parameters(), run.cfg.schedule.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -455,9 +461,9 @@ def report_skipped_files(run: Run, skipped: int, epoch: int, step: int, writer: 
 
 
 def validate(run: Run, step: int, writer: SummaryWriter | None) -> dict[str, Any]:
-    """Score the bare model on the val split; the last step's record also holds its forward cost."""
+    """Score the full network on the val split; the last step's record also holds its forward cost."""
     result = run.evaluation.run(
-        run.model, step=step, writer=writer, run_dir=run.run_dir, benchmark=step == run.last_step
+        run.evaluated(), step=step, writer=writer, run_dir=run.run_dir, benchmark=step == run.last_step
     )
     run.model.train()
     return result.record

@@ -137,12 +137,13 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
     return DistEnv()
 
 
-def init(device: str) -> DistEnv:
+def init(device: str, group_of_one: bool = False) -> DistEnv:
     """Join the process group when the environment describes several ranks, and pick this rank's GPU.
 
     `device` is "cuda" (NCCL, `torch.cuda.set_device(local_rank)`) or "cpu" (gloo). Exports
     MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK so libraries that read them agree.
-    Safe to call again in the same process (returns the same DistEnv).
+    `group_of_one`: a single process makes a group of its own too (in memory, no port), for what needs
+    one even alone (FSDP's device mesh). Safe to call again in the same process (returns the same DistEnv).
     """
     global _env
     if _env is not None and is_initialized():
@@ -152,6 +153,8 @@ def init(device: str) -> DistEnv:
     if cuda and torch.cuda.is_available():
         # With one GPU visible per task (e.g. --gpus-per-task=1) every local rank uses device 0.
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if not env.is_distributed and group_of_one and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not env.is_distributed:
         nominal = os.environ.get("SLURM_NTASKS", "1")
         if "SLURM_JOB_ID" in os.environ and nominal.isdigit() and int(nominal) > 1:
@@ -278,21 +281,29 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def check_replicas(module: torch.nn.Module) -> bool:
     """Compare every rank's parameters and buffers bit for bit (DDP keeps them equal); log the outcome on rank 0.
 
+    Sharded tensors (DTensors: FSDP's parameters) have one copy, split over the ranks: they are left out
+    and the log says how many; what is replicated (buffers, any unsharded parameter) is compared.
     Collective: every rank calls it. Returns True when all ranks agree (always in a single process).
     """
     if not is_initialized():
         return True
-    digest = hashlib.sha256()
+    from torch.distributed.tensor import DTensor
+
+    digest, sharded = hashlib.sha256(), 0
     for name, tensor in module.state_dict().items():
+        if isinstance(tensor, DTensor):
+            sharded += 1
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digests = all_gather_object(digest.hexdigest())
     agree = len(set(digests)) == 1
+    what = f"replicated tensors ({sharded} sharded ones not compared)" if sharded else "parameters"
     if is_main():
         if agree:
-            log.info("parameters identical on all %d ranks (sha256 %s)", len(digests), digests[0][:16])
+            log.info("%s identical on all %d ranks (sha256 %s)", what, len(digests), digests[0][:16])
         else:
-            log.warning("parameters DIFFER across ranks: %s", ", ".join(d[:16] for d in digests))
+            log.warning("%s DIFFER across ranks: %s", what, ", ".join(d[:16] for d in digests))
     return agree
 
 
