@@ -55,6 +55,7 @@ RELEASES: dict[str, Release] = {
         Release("coco_panoptic_eomt_giant_640", ("experiment=coco_panoptic_vit_g_640",), "PQ", 57.0, "55"),
         Release("coco_panoptic_eomt_large_1280", ("experiment=coco_panoptic_vit_l_1280",), "PQ", 58.3, "30"),
         Release("coco_panoptic_eomt_giant_1280", ("experiment=coco_panoptic_vit_g_1280",), "PQ", 59.2, "12"),
+        Release("coco_panoptic_eomt_7b_640", ("experiment=coco_panoptic_webssl_vit_7b_640",), "PQ", 58.4, "32 (B200)", "Web-SSL DINO 7B"),
         Release("ade20k_panoptic_eomt_large_640", ("experiment=ade20k_panoptic_vit_l_640",), "PQ", 50.6, "128", "COCO pre-trained"),
         Release("ade20k_panoptic_eomt_giant_640", ("experiment=ade20k_panoptic_vit_g_640",), "PQ", 51.3, "55", "COCO pre-trained"),
         Release("ade20k_panoptic_eomt_large_1280", ("experiment=ade20k_panoptic_vit_l_1280",), "PQ", 51.7, "30", "COCO pre-trained"),

@@ -6,7 +6,7 @@ own block modules (`eomt.model.blocks`) so that every attention goes through `eo
 (SDPA, masks, rope on patch tokens only).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from eomt.model.attention import qkv_projection
 from eomt.model.blocks import rehouse_blocks
 from eomt.model.registry import lookup
+from eomt.model.transformers_backbone import create_transformers_backbone, is_hub_backbone
 
 
 def create_backbone(
@@ -27,12 +28,14 @@ def create_backbone(
     patch_size: int,
     pretrained: bool,
     pretrained_file: str | Path | None = None,
+    config: Mapping | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A timm ViT with the given patch size and input size, without classifier or pooling norm.
 
     `pretrained_file` points timm's pretrained loading (with its patch/position embedding resampling)
-    at a local file instead of the hub.
+    at a local file instead of the hub. A `name` of the form org/repo is a Transformers hub backbone,
+    built from its config (`config`, else the repo's config.json: `eomt.model.transformers_backbone`).
     """
     if pretrained_file is not None and not pretrained:
         raise ValueError(
@@ -41,6 +44,15 @@ def create_backbone(
         )
     if pretrained_file is not None and not Path(pretrained_file).is_file():
         raise FileNotFoundError(f"model.pretrained_file={pretrained_file} does not exist: fix the path")
+    if is_hub_backbone(name):
+        return create_transformers_backbone(
+            name, img_size, patch_size, pretrained, pretrained_file, config, **kwargs
+        )
+    if config is not None:
+        raise ValueError(
+            f"model.backbone_config is set but model.backbone={name} is a timm model: it is for a "
+            "Transformers hub backbone (org/name); set model.backbone_config=null"
+        )
     overlay = {"file": str(pretrained_file)} if pretrained_file is not None else None
     # global_pool="" keeps the final norm in `backbone.norm` (avg-pool models would move it to fc_norm).
     options = {"num_classes": 0, "global_pool": "", **kwargs}

@@ -36,6 +36,7 @@ class EoMT(nn.Module):
         backbone_kwargs: dict | None = None,
         pretrained_file: str | Path | None = None,
         num_upscale_blocks: int | None = None,
+        backbone_config: dict | None = None,
     ):
         super().__init__()
         self.img_size = as_pair(img_size)
@@ -48,7 +49,13 @@ class EoMT(nn.Module):
         self.num_blocks = num_blocks
         self.masked_attn = masked_attn
         self.backbone = create_backbone(
-            backbone, self.img_size, patch_size, pretrained, pretrained_file, **(backbone_kwargs or {})
+            backbone,
+            self.img_size,
+            patch_size,
+            pretrained,
+            pretrained_file,
+            backbone_config,
+            **(backbone_kwargs or {}),
         )
         # Whether the backbone holds pretrained weights: DINOv3 delta checkpoints are relative to them.
         self.backbone_pretrained = pretrained

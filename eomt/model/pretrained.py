@@ -9,13 +9,18 @@ with one line naming the weights and the two ways on: a local file, or no pretra
 from __future__ import annotations
 
 from eomt.errors import ConfigError
+from eomt.model.transformers_backbone import is_hub_backbone
 
 _PROBE_TIMEOUT_S = 5.0  # one HEAD request, no retries
 
 
 def _hub_repo(backbone: str) -> tuple[str, tuple[str, ...]] | None:
-    """timm's hub repo for `backbone`'s default pretrained weights and the file names it tries."""
+    """The hub repo for `backbone`'s default pretrained weights and the file names tried: timm's, or the
+    repo itself for a Transformers hub backbone (org/name)."""
     from timm.models import get_pretrained_cfg
+
+    if is_hub_backbone(backbone):
+        return backbone, ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
 
     cfg = get_pretrained_cfg(backbone)
     if cfg is None or not cfg.hf_hub_id:

@@ -5,6 +5,10 @@ The layout is recognised from the keys; no user conversion:
 - ours: a trainer checkpoint `{"model": state_dict, ...}` or a bare EoMT state dict.
 - the authors' released `pytorch_model.bin` (state dict possibly under "state_dict"), keys under `network.`:
   - DINOv2 models keep timm's backbone keys (`network.encoder.backbone.blocks.0.attn.qkv.weight`);
+  - the 7B model (Web-SSL DINO) keeps the Transformers Dinov2Model layout of its backbone, renamed as the
+    release's `transformers_to_timm` does (`embeddings` -> `patch_embed`, `layer` -> `blocks`), with the
+    position embedding at the pretrained grid: it is resampled to the network's grid as Transformers does
+    at every forward, so the outputs are the authors';
   - DINOv3 models keep the Transformers DINOv3 backbone layout
     (`network.encoder.backbone.patch_embed.patch_embeddings.weight`, `...blocks.0.attention.q_proj.weight`)
     and store the backbone as a *delta* from the pretrained DINOv3 weights (checkpoint = backbone + delta).
@@ -20,16 +24,18 @@ suffix) read in both directions, so the Transformers exporter uses the same tabl
 """
 
 import json
+import math
 import pickle
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -73,13 +79,15 @@ def _nest(rules: Iterable[KeyRule], external_prefix: str, ours_prefix: str) -> t
 
 @dataclass(frozen=True)
 class Layout:
-    """A checkpoint layout: how its keys map to ours, which keys EoMT has no use for, and whether the
-    backbone is stored relative to the pretrained backbone."""
+    """A checkpoint layout: how its keys map to ours, which keys EoMT has no use for, whether the
+    backbone is stored relative to the pretrained backbone, and whether its position embedding is at
+    the grid the backbone was pretrained at (the model resampled it at run time)."""
 
     name: str
     rules: tuple[KeyRule, ...]
     ignored: tuple[str, ...] = ()
     backbone_is_delta: bool = False
+    position_embedding_at_source_grid: bool = False  # resampled to the network's grid on load
 
     def ignores(self, key: str) -> bool:
         return any(_template_regex(t).fullmatch(key) for t in self.ignored)
@@ -182,6 +190,37 @@ _DINOV3_LAYER = (
     KeyRule("layer_scale2.lambda1", "gamma_2"),
 )
 
+# Transformers' Dinov2Layer <-> timm vision_transformer.Block, in both of Transformers' key sets: 4.x
+# (what hub checkpoints hold) and 5.x (what Dinov2Model.state_dict() gives since).
+_HF_DINOV2_BLOCK = (
+    KeyRule("norm1.{p}", "norm1.{p}"),
+    KeyRule("attention.attention.query.{p}", "attn.qkv.{p}", 0, 3),
+    KeyRule("attention.attention.key.{p}", "attn.qkv.{p}", 1, 3),
+    KeyRule("attention.attention.value.{p}", "attn.qkv.{p}", 2, 3),
+    KeyRule("attention.output.dense.{p}", "attn.proj.{p}"),
+    KeyRule("attention.q_proj.{p}", "attn.qkv.{p}", 0, 3),
+    KeyRule("attention.k_proj.{p}", "attn.qkv.{p}", 1, 3),
+    KeyRule("attention.v_proj.{p}", "attn.qkv.{p}", 2, 3),
+    KeyRule("attention.o_proj.{p}", "attn.proj.{p}"),
+    KeyRule("layer_scale1.lambda1", "ls1.gamma"),
+    KeyRule("norm2.{p}", "norm2.{p}"),
+    KeyRule("layer_scale2.lambda1", "ls2.gamma"),
+    KeyRule("mlp.weights_in.{p}", "mlp.fc1.{p}"),  # 4.x SwiGLU: [gate | up] in one, as timm's SwiGLUPacked
+    KeyRule("mlp.weights_out.{p}", "mlp.fc2.{p}"),
+)
+
+
+def _hf_dinov2_backbone(embeddings: str, blocks: str, norms: tuple[str, ...]) -> tuple[KeyRule, ...]:
+    """A Transformers Dinov2Model (no registers) <-> timm VisionTransformer, under the given prefixes."""
+    return (
+        KeyRule(embeddings + "cls_token", "cls_token"),
+        KeyRule(embeddings + "position_embeddings", "pos_embed"),
+        KeyRule(embeddings + "patch_embeddings.projection.{p}", "patch_embed.proj.{p}"),
+        *_nest(_HF_DINOV2_BLOCK + _HF_DINOV2_MLP + _HF_DINOV2_SWIGLU, blocks + "{i}.", "blocks.{i}."),
+        *(KeyRule(norm + ".{p}", "norm.{p}") for norm in norms),
+    )
+
+
 _HF_HEADS = (
     KeyRule("query.weight", "q.weight"),
     KeyRule("class_predictor.{p}", "class_head.{p}"),
@@ -243,6 +282,31 @@ AUTHORS_DINOV2 = Layout(
     ignored=_AUTHORS_IGNORED,
 )
 
+# A Transformers Dinov2Model's own weights (e.g. facebook/webssl-dino7b-full8b-518): a backbone, not EoMT.
+HF_DINOV2 = Layout(
+    name="Transformers Dinov2Model",
+    rules=_hf_dinov2_backbone("embeddings.", "encoder.layer.", ("layernorm",)),
+    ignored=("embeddings.mask_token",),
+    position_embedding_at_source_grid=True,
+)
+
+_AUTHORS_BACKBONE = "network.encoder.backbone."
+# The release's EoMT-7B: the Dinov2Model renamed by `transformers_to_timm`; its final norm keeps
+# Transformers' name (`layernorm`) or timm's (`norm`).
+AUTHORS_HF_DINOV2 = Layout(
+    name="authors' EoMT release (Transformers Dinov2 backbone)",
+    rules=(
+        *_nest(
+            _hf_dinov2_backbone("patch_embed.", "blocks.", ("layernorm", "norm")),
+            _AUTHORS_BACKBONE,
+            "backbone.",
+        ),
+        *_AUTHORS_HEADS,
+    ),
+    ignored=(*_AUTHORS_IGNORED, _AUTHORS_BACKBONE + "patch_embed.mask_token"),
+    position_embedding_at_source_grid=True,
+)
+
 _AUTHORS_DINOV3_BACKBONE = "network.encoder.backbone."
 AUTHORS_DINOV3_DELTA = Layout(
     name="authors' EoMT release (DINOv3, backbone as delta)",
@@ -266,8 +330,11 @@ OURS = Layout(name="eomt", rules=(KeyRule("{rest}", "{rest}"),))
 def detect_layout(state: Mapping[str, Tensor]) -> Layout | None:
     """The layout of a state dict, from its keys; None when it is none we know."""
     if "network.q.weight" in state:
-        delta = _AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.weight" in state
-        return AUTHORS_DINOV3_DELTA if delta else AUTHORS_DINOV2
+        if _AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.weight" in state:
+            return AUTHORS_DINOV3_DELTA
+        if _AUTHORS_BACKBONE + "patch_embed.patch_embeddings.projection.weight" in state:
+            return AUTHORS_HF_DINOV2
+        return AUTHORS_DINOV2
     if "class_predictor.weight" in state:
         if "embeddings.patch_embeddings.projection.weight" in state:
             return HF_EOMT
@@ -294,14 +361,15 @@ def _weights_file(directory: Path) -> Path:
     raise CheckpointError(f"{directory} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}")
 
 
-def _read_tensors(path: Path) -> Mapping:
+def read_tensors(path: Path) -> Mapping:
+    """The tensors of a weights file, a sharded index (`*.index.json`) or a folder holding either."""
     if path.is_dir():
         path = _weights_file(path)
     if path.name.endswith(".index.json"):
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         merged: dict[str, Tensor] = {}
         for shard in shards:
-            merged.update(_read_tensors(path.parent / shard))
+            merged.update(read_tensors(path.parent / shard))
         return merged
     if path.suffix == ".safetensors":
         return load_file(path)
@@ -359,7 +427,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: fix the path")
-    obj = _read_tensors(path)
+    obj = read_tensors(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     state = _unwrap(obj)
@@ -376,6 +444,23 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(path, layout, state)
 
 
+def resample_position_embedding(pos: Tensor, grid: Sequence[int]) -> Tensor:
+    """A (1, 1 + s*s, D) position embedding (class token first, square grid) at the patch grid `grid`, as
+    Transformers' Dinov2 interpolates it at every forward on another input size: bicubic in float32,
+    align_corners=False, no antialiasing."""
+    source = math.isqrt(pos.shape[1] - 1)
+    if source * source != pos.shape[1] - 1:
+        raise CheckpointError(
+            f"a position embedding of {pos.shape[1]} positions is not a class token and a square grid"
+        )
+    if (source, source) == tuple(grid):
+        return pos
+    patches = pos[:, 1:].reshape(1, source, source, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    patches = patches.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return torch.cat((pos[:, :1], patches), dim=1)
+
+
 def _is_class_head(key: str) -> bool:
     return key.startswith("class_head.")
 
@@ -390,6 +475,9 @@ def load_checkpoint(
     converted = ckpt.layout.to_ours(ckpt.state)
     state = converted.state
     expected = model.state_dict()
+    if ckpt.layout.position_embedding_at_source_grid and "backbone.pos_embed" in state:
+        grid = model.backbone.patch_embed.grid_size
+        state["backbone.pos_embed"] = resample_position_embedding(state["backbone.pos_embed"], grid)
     if skip_class_head:
         state = {k: v for k, v in state.items() if not _is_class_head(k)}
 
