@@ -43,12 +43,12 @@ from eomt.config import CONF_DIR, check_config, compose, split_key_values
 from eomt.device import AMP_DTYPES
 from eomt.errors import ConfigError, user_errors
 from eomt.model import build_model
+from eomt.parallel import apply_activation_checkpointing, check_strategy, checkpoint_every
 from eomt.training.matcher import HungarianMatcher
 
 GB = 1e9  # GPU memory as vendors state it: 40, 80, 141 GB
 GPU_SIZES_GB = (40, 80, 141)
 HEADROOM = 0.9  # the share of a card the planner lets a step use (CUDA context, fragmentation)
-STRATEGIES = ("ddp", "fsdp")
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq in fp32 per parameter
 
 
@@ -168,17 +168,59 @@ def build_fake_model(
     return model.train()
 
 
-def synthetic_targets(
-    batch: int, crop: Sequence[int], num_targets: int, num_classes: int, make: Callable = torch.zeros
-) -> list[dict[str, Tensor]]:
-    """`num_targets` masks per image at the crop size (made by `make`: fake or real) and their labels."""
-    return [
+def synthetic_batch(
+    batch: int, crop: Sequence[int], num_targets: int, num_classes: int, device: str | torch.device = "cpu"
+) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Random uint8 images and `num_targets` random masks per image at the crop size, with their labels
+    (under a FakeTensorMode: fake, except the labels, which the loss reads on the host)."""
+    images = torch.randint(0, 256, (batch, 3, *crop), dtype=torch.uint8, device=device)
+    targets = [
         {
-            "masks": make(num_targets, *crop, dtype=torch.bool),
-            "labels": torch.arange(num_targets) % num_classes,
+            "masks": torch.rand(num_targets, *crop, device=device) > 0.5,
+            "labels": (torch.arange(num_targets) % num_classes).to(device),
         }
         for _ in range(batch)
     ]
+    return images, targets
+
+
+def forward_backward(
+    model: nn.Module,
+    criterion: nn.Module,
+    images: Tensor,
+    targets: list[dict[str, Tensor]],
+    amp_dtype: torch.dtype | None,
+    intermediate_losses: bool = True,
+    micro_batches: int = 1,
+    loss_context: Callable = nullcontext,
+) -> None:
+    """One micro-batch as train.py's optimisation_step makes it: uint8 images -> float, the forward under
+    autocast, the loss, the backward of its share of the step."""
+    x = images.float().div_(255)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        mask_logits, class_logits = model(x)
+    if not intermediate_losses:
+        mask_logits, class_logits = mask_logits[-1:], class_logits[-1:]
+    with loss_context():
+        loss, _ = criterion(mask_logits, class_logits, targets)
+    (loss / micro_batches).backward()
+
+
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    targets: list[dict[str, Tensor]],
+    amp_dtype: torch.dtype | None,
+    grad_clip: float,
+) -> None:
+    """A real step on one device (what the planner's estimate is checked against: tests/test_plan.py on
+    the CPU, bench/plan_check.py on a GPU): forward and backward, clipping, AdamW, gradients freed."""
+    forward_backward(model, criterion, images, targets, amp_dtype)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def trace_step(
@@ -191,23 +233,24 @@ def trace_step(
     intermediate_losses: bool,
     meter: LiveBytes,
 ) -> StepTrace:
-    """The loop's forward (autocast), loss and backward over `micro_batches` micro-batches (gradients
-    accumulate), counted by `meter`. Model and criterion are built already; tensors may be fake."""
+    """`forward_backward` over `micro_batches` micro-batches (gradients accumulate) on fake tensors,
+    counted by `meter`."""
     handles = watch_grads(model, meter)
     for t in [images] + [t["masks"] for t in targets]:  # the batch on the device
         meter.track(t)
     try:
         with meter:
             for _ in range(micro_batches):
-                x = images.float().div_(255)
-                with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-                    mask_logits, class_logits = model(x)
-                if not intermediate_losses:
-                    mask_logits, class_logits = mask_logits[-1:], class_logits[-1:]
-                with meter.host_values():
-                    loss, _ = criterion(mask_logits, class_logits, targets)
-                (loss / micro_batches).backward()
-                del x, mask_logits, class_logits, loss
+                forward_backward(
+                    model,
+                    criterion,
+                    images,
+                    targets,
+                    amp_dtype,
+                    intermediate_losses,
+                    micro_batches,
+                    meter.host_values,
+                )
     finally:
         for handle in handles:
             handle.remove()
@@ -254,27 +297,15 @@ def layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
     return micro, batch // (micro * gpus)
 
 
-def checkpoint_every(value) -> int:
-    """trainer.activation_checkpointing -> checkpoint every n-th block (0: none)."""
-    if value in (None, "none", False, 0):
-        return 0
-    if value == "blocks":
-        return 1
-    if isinstance(value, int) and value > 0:
-        return value
-    raise ConfigError(f"trainer.activation_checkpointing={value} is not none|blocks|<n> (every n-th block)")
-
-
 def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | None = None) -> Plan:
     """The peak memory per GPU of one training step of `cfg` (trainer.strategy, .activation_checkpointing,
     .precision, .batch_size) on `gpus` GPUs, with `targets` masks per image."""
     check_config(cfg)
-    strategy = cfg.trainer.get("strategy", "ddp")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"trainer.strategy={strategy} is not one of {'|'.join(STRATEGIES)}")
+    check_strategy(cfg.trainer)
     if gpus < 1:
         raise ConfigError(f"gpus={gpus} must be at least 1")
-    every = checkpoint_every(cfg.trainer.get("activation_checkpointing", "none"))
+    strategy = cfg.trainer.strategy
+    every = checkpoint_every(cfg.trainer.activation_checkpointing)
     micro, accum = layout(cfg, gpus)
     amp_dtype = AMP_DTYPES[cfg.trainer.precision]
 
@@ -285,10 +316,7 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
     blocks = model.backbone.blocks
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     root_params = num_params - sum(p.numel() for b in blocks for p in b.parameters())
-    if every:
-        from eomt.parallel import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model, every)
+    apply_activation_checkpointing(model, every)  # as wrap_for_training does
 
     def fake_draw(shape, device):
         with mode:
@@ -300,8 +328,9 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
         model.set_attn_mask_probs([0.5] * model.num_blocks)
     crop = list(cfg.dataset.crop_size)
     with mode:
-        images = torch.zeros(micro, 3, *crop, dtype=torch.uint8)
-        batch = synthetic_targets(micro, crop, targets, cfg.dataset.num_classes, torch.zeros)
+        images, batch = synthetic_batch(micro, crop, targets, cfg.dataset.num_classes)
+    for target in batch:
+        target["labels"] = torch.arange(targets) % cfg.dataset.num_classes  # real: the host reads them
     trace = trace_step(
         model,
         criterion,
@@ -330,9 +359,14 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
         compute_bytes = 2 if amp_dtype is not None else 4
         weights, gradients, optimizer = 4 * shard, 4 * shard, ADAMW_STATE_BYTES * shard
         activations = trace.peak_activations
-        # The root's weights stay gathered; a block is gathered while the next one is prefetched, and
-        # a block's gradients exist unsharded (compute dtype, then fp32 for the reduce-scatter).
-        unsharded = compute_bytes * (root_params + 2 * block_params) + (compute_bytes + 4) * block_params
+        if accum == 1:
+            # The root's weights stay gathered; a block is gathered while the next one is prefetched, and
+            # a block's gradients exist unsharded (compute dtype, then fp32 for the reduce-scatter).
+            unsharded = compute_bytes * (root_params + 2 * block_params) + (compute_bytes + 4) * block_params
+        else:
+            # Between micro-batches nothing is resharded (eomt.parallel.gradient_sync): every weight stays
+            # gathered and the unsharded gradients accumulate in fp32 until the step's last micro-batch.
+            unsharded = (compute_bytes + 4) * num_params
     return Plan(
         name=name or cfg.get("name", "-"),
         strategy=strategy,

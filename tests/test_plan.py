@@ -8,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from eomt import plan
 from eomt.config import compose
+from eomt.errors import ConfigError
 from eomt.model import build_model
 
 TARGETS = 6  # masks per image, in the measured step and the estimate alike
@@ -29,39 +30,24 @@ def allocation_events(prof) -> list[tuple[int, int]]:
 
 
 def measured_step_peak(cfg, targets: int) -> int:
-    """Peak bytes of one real training step on the CPU (the loop's: uint8 batch -> float, autocast
-    forward, loss with the real matcher, backward, clipping, fused AdamW), in steady state (AdamW's
-    state exists): the bytes alive before the step plus the highest running sum of the allocations
-    and frees that torch.profiler(profile_memory=True) records during it."""
+    """Peak bytes of one real training step on the CPU (`plan.train_step`: the loop's forward, loss with
+    the real matcher, backward, clipping, fused AdamW) in steady state (AdamW's moments exist): the bytes
+    alive before the step plus the highest running sum of the allocations and frees that
+    torch.profiler(profile_memory=True) records during it."""
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     criterion = instantiate(cfg.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     amp_dtype = plan.AMP_DTYPES[cfg.trainer.precision]
     micro, _ = plan.layout(cfg, 1)
-    crop = list(cfg.dataset.crop_size)
-    model.set_attn_mask_probs([0.5] * model.num_blocks)
+    model.set_attn_mask_probs([0.5] * model.num_blocks)  # as the planner: mid-annealing
 
     def step():
-        images = torch.randint(0, 256, (micro, 3, *crop), dtype=torch.uint8)
-        batch = [
-            {
-                "masks": torch.rand(targets, *crop) > 0.5,
-                "labels": torch.arange(targets) % cfg.dataset.num_classes,
-            }
-            for _ in range(micro)
-        ]
-        x = images.float().div_(255)
-        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-            mask_logits, class_logits = model(x)
-        loss, _ = criterion(mask_logits, class_logits, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.schedule.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        images, batch = plan.synthetic_batch(micro, cfg.dataset.crop_size, targets, cfg.dataset.num_classes)
+        plan.train_step(model, criterion, optimizer, images, batch, amp_dtype, cfg.schedule.grad_clip)
 
     step()  # AdamW's moments exist from here on, as in every later step
-    alive = [p for p in model.parameters()] + [
+    alive = list(model.parameters()) + [
         t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
     ]
     before = sum(t.untyped_storage().nbytes() for t in alive)
@@ -80,3 +66,77 @@ def test_estimate_is_within_20_percent_of_a_measured_cpu_step(precision):
     estimate = plan.plan_memory(cfg, gpus=1, targets=TARGETS)
     measured = measured_step_peak(cfg, TARGETS)
     assert abs(estimate.total - measured) <= 0.2 * measured, (estimate, measured)
+
+
+def _plan(overrides, gpus=1, targets=TARGETS):
+    return plan.plan_memory(compose(["experiment=demo", *overrides]), gpus=gpus, targets=targets)
+
+
+def test_fsdp_divides_weights_gradients_and_adamw_state_by_the_gpus():
+    # one image per GPU in both: the same activations, the shards halve
+    two = _plan(["trainer.strategy=fsdp", "trainer.batch_size=2"], gpus=2)
+    four = _plan(["trainer.strategy=fsdp", "trainer.batch_size=4"], gpus=4)
+    ddp = _plan(["trainer.strategy=ddp", "trainer.batch_size=4"], gpus=4)
+    assert two.micro_batch == four.micro_batch == 1 and two.accumulation == four.accumulation == 1
+    for part in ("weights", "gradients", "optimizer"):
+        assert getattr(two, part) / getattr(four, part) == pytest.approx(2.0, rel=1e-3)
+    assert two.activations == four.activations
+    assert ddp.optimizer / four.optimizer == pytest.approx(4.0, rel=1e-3)
+    assert ddp.unsharded == 4 * ddp.num_params  # DDP's gradient buckets, fp32
+
+
+def test_activations_grow_with_the_micro_batch_and_shrink_with_checkpointing():
+    vit_s = ["model=vit_s", "model.pretrained=false", "dataset.crop_size=[256,256]", "trainer.precision=bf16"]
+    one = _plan([*vit_s, "trainer.batch_size=1"])
+    two = _plan([*vit_s, "trainer.batch_size=2"])
+    checkpointed = _plan([*vit_s, "trainer.batch_size=2", "trainer.activation_checkpointing=blocks"])
+    assert 1.5 < two.activations / one.activations <= 2.05  # per image, plus what does not grow with it
+    assert checkpointed.activations < 0.8 * two.activations
+    assert checkpointed.weights == two.weights and checkpointed.optimizer == two.optimizer
+
+
+def test_the_trace_allocates_nothing_real():
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        estimate = _plan(["model=vit_s", "model.pretrained=false", "dataset.crop_size=[448,448]"])
+    running, highest = 0, 0
+    for _, nbytes in allocation_events(prof):
+        running += nbytes
+        highest = max(highest, running)
+    assert estimate.total > 1e9  # a step of about 1 GB on fake tensors ...
+    assert highest < 0.02 * estimate.total  # ... while the planner's own real tensors stay small
+
+
+def test_table_names_the_fastest_option_that_fits_each_card():
+    def fake_plan(total_gb):
+        return plan.Plan("x", "ddp", "none", 4, 4, 1, 10**9, 0, 0, 0, int(total_gb * plan.GB), 0)
+
+    plans = {
+        "small": dict(zip(plan.OPTIONS, map(fake_plan, (30, 20, 25, 10)), strict=True)),
+        "large": dict(zip(plan.OPTIONS, map(fake_plan, (300, 150, 130, 100)), strict=True)),
+    }
+    rows = plan.table(plans).splitlines()
+    assert rows[0].split(" | ")[-3:] == ["40 GB", "80 GB", "141 GB |"]
+    assert rows[2].endswith("| ddp | ddp | ddp |")
+    assert rows[3].endswith("| no | no | fsdp+ckpt |")  # 100 GB > 90% of 80 GB
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["experiment=demo", "gpus=0"], "gpus=0 must be at least 1"),
+        (["experiment=demo", "gpus=two"], "gpus=two must be a positive integer"),
+        (["presets=some"], "presets=some"),
+        (["experiment=demo", "trainer.strategy=zero"], "trainer.strategy=zero is not one of ddp|fsdp"),
+        (["experiment=demo", "trainer.batch_size=3", "gpus=2"], "trainer.batch_size=3 is not a multiple"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        plan.main(argv)
+
+
+def test_command_prints_the_parts_and_the_cards(capsys):
+    plan.main(["experiment=demo", "targets=3"])
+    out = capsys.readouterr().out
+    for part in ("weights", "gradients", "AdamW state", "activations", "total", "40 GB: yes"):
+        assert part in out
