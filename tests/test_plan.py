@@ -60,6 +60,7 @@ def measured_step_peak(cfg, targets: int) -> int:
     return before + highest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_estimate_is_within_20_percent_of_a_measured_cpu_step(precision):
     cfg = compose(["experiment=demo", f"trainer.precision={precision}", "trainer.batch_size=2"])
@@ -85,6 +86,7 @@ def test_fsdp_divides_weights_gradients_and_adamw_state_by_the_gpus():
     assert ddp.unsharded == 4 * ddp.num_params  # DDP's gradient buckets, fp32
 
 
+@pytest.mark.slow
 def test_activations_grow_with_the_micro_batch_and_shrink_with_checkpointing():
     vit_s = ["model=vit_s", "model.pretrained=false", "dataset.crop_size=[256,256]", "trainer.precision=bf16"]
     one = _plan([*vit_s, "trainer.batch_size=1"])
