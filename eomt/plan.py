@@ -4,7 +4,7 @@ and 141 GB cards.
 
     python -m eomt.plan experiment=coco_panoptic_vit_g_1280 [trainer.strategy=fsdp]
         [trainer.activation_checkpointing=blocks] [gpus=8] [targets=50]
-    python -m eomt.plan presets=all [gpus=8]        # every published preset: the README's table
+    python -m eomt.plan presets=all [gpus=8]        # (or --all) every published preset: the README's table
 
 How: one training step (the loop's forward under autocast, the loss, the backward) runs on fake
 tensors (`FakeTensorMode`: shapes and dtypes, no data, nothing allocated) at the preset's per-GPU
@@ -285,10 +285,8 @@ class Plan:
 
 def layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
     """(micro-batch per GPU, accumulation steps), as train.py splits trainer.batch_size."""
-    batch, micro = (
-        cfg.trainer.batch_size,
-        cfg.trainer.micro_batch_size or max(1, cfg.trainer.batch_size // gpus),
-    )
+    batch = cfg.trainer.batch_size
+    micro = cfg.trainer.micro_batch_size or max(1, batch // gpus)
     if batch % (micro * gpus):
         raise ConfigError(
             f"trainer.batch_size={batch} is not a multiple of micro_batch_size={micro} x gpus={gpus}; "
@@ -387,7 +385,7 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
 OPTIONS = (("ddp", "none"), ("ddp", "blocks"), ("fsdp", "none"), ("fsdp", "blocks"))  # fastest first
 USAGE = (
     "usage: python -m eomt.plan experiment=<preset> [trainer.strategy=ddp|fsdp] "
-    "[trainer.activation_checkpointing=none|blocks] [gpus=4] [targets=50] | presets=all [gpus=4]"
+    "[trainer.activation_checkpointing=none|blocks] [gpus=4] [targets=50] | presets=all (or --all) [gpus=4]"
 )
 
 
@@ -442,6 +440,7 @@ def table(plans: dict[str, dict[tuple[str, str], Plan]]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+    argv = ["presets=all" if arg == "--all" else arg for arg in argv]
     own, overrides = split_key_values(argv, {"gpus", "targets", "presets"}, USAGE)
     for key in ("gpus", "targets"):
         if key in own and not own[key].isdigit():

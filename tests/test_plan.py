@@ -142,3 +142,11 @@ def test_command_prints_the_parts_and_the_cards(capsys):
     out = capsys.readouterr().out
     for part in ("weights", "gradients", "AdamW state", "activations", "total", "40 GB: yes"):
         assert part in out
+
+
+def test_all_presets_mode_prints_one_row_per_preset(monkeypatch, capsys):
+    assert "demo" not in plan.published_presets() and "coco_panoptic_vit_l_640" in plan.published_presets()
+    monkeypatch.setattr(plan, "published_presets", lambda: ["demo"])  # the tiny one: four quick traces
+    plan.main(["--all", "targets=2", "gpus=2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo |")]
+    assert len(rows) == 1 and rows[0].endswith("| ddp | ddp | ddp |")
