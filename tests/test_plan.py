@@ -10,6 +10,7 @@ from eomt import plan
 from eomt.config import compose
 from eomt.errors import ConfigError
 from eomt.model import build_model
+from eomt.parallel import apply_activation_checkpointing, checkpoint_every
 
 TARGETS = 6  # masks per image, in the measured step and the estimate alike
 
@@ -36,6 +37,7 @@ def measured_step_peak(cfg, targets: int) -> int:
     torch.profiler(profile_memory=True) records during it."""
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
+    apply_activation_checkpointing(model, checkpoint_every(cfg.trainer.activation_checkpointing))
     criterion = instantiate(cfg.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     amp_dtype = plan.AMP_DTYPES[cfg.trainer.precision]
@@ -61,9 +63,18 @@ def measured_step_peak(cfg, targets: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_estimate_is_within_20_percent_of_a_measured_cpu_step(precision):
-    cfg = compose(["experiment=demo", f"trainer.precision={precision}", "trainer.batch_size=2"])
+@pytest.mark.parametrize(
+    ("precision", "checkpointing"), [("fp32", "none"), ("bf16", "none"), ("fp32", "blocks")]
+)
+def test_estimate_is_within_20_percent_of_a_measured_cpu_step(precision, checkpointing):
+    cfg = compose(
+        [
+            "experiment=demo",
+            f"trainer.precision={precision}",
+            f"trainer.activation_checkpointing={checkpointing}",
+            "trainer.batch_size=2",
+        ]
+    )
     estimate = plan.plan_memory(cfg, gpus=1, targets=TARGETS)
     measured = measured_step_peak(cfg, TARGETS)
     assert abs(estimate.total - measured) <= 0.2 * measured, (estimate, measured)
