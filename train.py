@@ -45,7 +45,6 @@ from eomt.parallel import (
     check_strategy,
     clip_grad_norm,
     gradient_sync,
-    is_sharded,
     wrap_for_training,
 )
 from eomt.preemption import PreemptionHandler, TrainingStopped, ignore_in_dataloader_worker
@@ -210,10 +209,9 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     """Every part of the run, in the order that matters (see the comments)."""
     check_config(cfg)
     check_strategy(cfg.trainer)
+    fsdp = cfg.trainer.strategy == "fsdp"
     device = resolve_device(cfg.trainer.device)
-    env = distributed.init(
-        device.type, group_of_one=cfg.trainer.strategy == "fsdp"
-    )  # fsdp shards over a group
+    env = distributed.init(device.type, group_of_one=fsdp)  # fsdp shards over a group, even of one
     precision = training_precision(cfg.trainer.precision, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.trainer.deterministic:
@@ -221,7 +219,8 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     data = build_data(cfg, env, device)
     total_steps = cfg.trainer.epochs * data.steps_per_epoch
     check_schedule(cfg.schedule, total_steps, cfg.trainer.epochs, data.steps_per_epoch)
-    # The bare module: saved and evaluated. Fine-tuning starts from any checkpoint eomt.api reads.
+    # The bare module: trained, saved and evaluated (fsdp shards it in place below). Fine-tuning starts
+    # from any checkpoint eomt.api reads.
     model = load_model(cfg.model, cfg.trainer.init_from, cfg.trainer.skip_class_head).train().to(device)
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample loss points and masks independently
     criterion = instantiate(cfg.loss).to(device)
@@ -230,12 +229,12 @@ def build_run(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> 
     if env.world_size > 1:  # the ViT-Adapter baseline has BatchNorm (EoMT has none); params are kept
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    unsharded = UnshardedCopy(model) if cfg.trainer.strategy == "fsdp" else None  # before sharding
+    unsharded = UnshardedCopy(model) if fsdp else None  # the evaluated network's template, before sharding
     # checkpointing, compile and DDP / FSDP (eomt.parallel); the optimiser after: fsdp makes new parameters
     forward_model = wrap_for_training(model, cfg.trainer, device, env.world_size, precision)
     optimizer = build_optimizer(cfg, model, device)
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}
-    if is_sharded(model):  # the same single-file checkpoints as ddp, gathered on rank 0
+    if fsdp:  # the same single-file checkpoints as ddp, gathered on rank 0
         parts.update(model=FullModelState(model), optimizer=FullOptimizerState(model, optimizer))
     state = TrainState()
     sched = cfg.schedule

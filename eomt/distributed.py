@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +288,6 @@ def check_replicas(module: torch.nn.Module) -> bool:
     """
     if not is_initialized():
         return True
-    from torch.distributed.tensor import DTensor
-
     digest, sharded = hashlib.sha256(), 0
     for name, tensor in module.state_dict().items():
         if isinstance(tensor, DTensor):

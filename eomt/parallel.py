@@ -32,22 +32,21 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from eomt.compilation import compile_for_training
-from eomt.errors import ConfigError
+from eomt.errors import CheckpointError, ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # in named_parameters() of a checkpointed block only
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 # --- the settings -----------------------------------------------------------------------------------
 def checkpoint_every(setting: str | int | None) -> int:
     """`trainer.activation_checkpointing` as n (every n-th block is checkpointed; 0 = none)."""
-    if setting in (None, "none") or (
-        isinstance(setting, int) and not isinstance(setting, bool) and setting == 0
-    ):
+    if setting in (None, "none"):
         return 0
     if setting == "blocks":
         return 1
-    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0:
         return setting
     raise ConfigError(
         f"trainer.activation_checkpointing={setting} is not one of none|blocks|<n> (every n-th block, n >= 1)"
@@ -105,25 +104,32 @@ def wrap_for_training(
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """bf16: parameters gathered and computed in bf16, gradients reduced in fp32; fp32: no casts."""
+    """bf16: parameters gathered and computed in bf16, gradients reduced in fp32; fp32: no casts.
+
+    The inputs are not cast: the loop's autocast decides each op's dtype as under ddp, so the images are
+    normalised in fp32 and the residual stream between the blocks stays fp32 (FSDP's own input cast
+    would make both bf16)."""
     if precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     return MixedPrecisionPolicy()
 
 
 def shard(model: nn.Module, device: torch.device, world_size: int, precision: str) -> None:
     """FSDP2 in place: every transformer block of `model.backbone.blocks` is one unit (gathered for its
     forward and backward, resharded after), the rest of the network (embeddings, heads; EoMT's query
-    embedding; the Mask2Former baselines' adapter and decoder) is the root's unit."""
+    embedding; the Mask2Former baselines' adapter and decoder) is the root's unit. BatchNorm layers (the
+    baselines' adapter) are units of their own in fp32, as autocast leaves them: their running statistics
+    are fp32 buffers, which batch_norm does not mix with bf16 weights."""
     mesh = init_device_mesh(device.type, (world_size,))
     policy = mixed_precision(precision)
+    for module in model.modules():
+        if isinstance(module, BATCH_NORMS) and policy.param_dtype is not None:
+            fully_shard(module, mesh=mesh, mp_policy=mixed_precision("fp32"))
     for block in model.backbone.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # used at once by backward
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 # --- in the step ----------------------------------------------------------------------------------------
@@ -205,5 +211,10 @@ class FullOptimizerState(FullModelState):
         return get_optimizer_state_dict(self.model, self.optimizer, options=options)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if any(isinstance(key, int) for key in state.get("state", {})):  # torch's own, keyed by position
+            raise CheckpointError(
+                "the checkpoint's optimiser state was written by trainer.strategy=ddp; resume it with "
+                "trainer.strategy=ddp, or start a new run from its weights with trainer.init_from=<checkpoint>"
+            )
         options = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(self.model, self.optimizer, state, options=options)

@@ -154,15 +154,15 @@ class StepTrace:
 def build_fake_model(
     model_cfg: DictConfig, mode: FakeTensorMode, dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """The network with fake weights (in `dtype`, if given): built on the meta device (no initialisation
-    runs), then given fake CPU storage."""
+    """The network with fake weights (in `dtype`, if given, as FSDP's MixedPrecisionPolicy gathers them):
+    built on the meta device (no initialisation runs), then given fake CPU storage."""
     model_cfg = model_cfg.copy()
     model_cfg.pretrained = False  # no weights are read; the shapes are the pretrained ones
     model_cfg.pretrained_file = None
     with torch.device("meta"):
         model = build_model(model_cfg)
-    if dtype is not None:
-        model.to(dtype)
+    for param in model.parameters() if dtype is not None else ():
+        param.data = param.data.to(dtype)  # the weights only: FSDP casts no buffers
     with mode:
         model.to_empty(device="cpu")
     return model.train()
