@@ -7,18 +7,19 @@ import json
 import huggingface_hub.constants
 import pytest
 import torch
+import transformers
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from test_model_zoo import cache_repo
 
-from eomt import model_zoo
+from eomt import api, model_zoo
 from eomt.config import compose
 from eomt.errors import ConfigError
 from eomt.model import EoMT, build_model, load_checkpoint
 from eomt.model.backbone import BackboneRunner, create_backbone
 from eomt.model.pretrained import check_pretrained_reachable
+from eomt.model.transformers_backbone import is_hub_backbone
 from eomt.model.weight_formats import HF_DINOV2
-
-transformers = pytest.importorskip("transformers")
 
 WEBSSL = "facebook/webssl-dino7b-full8b-518"
 # The Web-SSL 7B's block structure (SwiGLU, layer scale, no registers) at a width and depth a CPU runs.
@@ -37,7 +38,7 @@ NARROW = {
 }
 
 
-def transformers_dinov2(**overrides) -> "transformers.Dinov2Model":
+def transformers_dinov2(**overrides) -> transformers.Dinov2Model:
     torch.manual_seed(0)
     model = transformers.Dinov2Model(transformers.Dinov2Config(**{**NARROW, **overrides})).eval()
     with torch.no_grad():
@@ -98,6 +99,26 @@ def test_pretrained_webssl_backbone_runs_as_the_transformers_model(tmp_path, key
         )
 
 
+def test_pretrained_webssl_backbone_loads_by_hub_name_from_sharded_files_in_the_cache(tmp_path, monkeypatch):
+    """As the 7B repo is stored: safetensors shards and their index, read through the offline cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    state = as_transformers_4(transformers_dinov2().state_dict())
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, tmp_path / name)
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    files = ["model.safetensors.index.json", *shards]
+    cache_repo(tmp_path / "cache", WEBSSL, {name: tmp_path / name for name in files})
+
+    check_pretrained_reachable(WEBSSL)  # cached: no error
+    vit = create_backbone(WEBSSL, (64, 64), 16, pretrained=True, config=NARROW)
+    torch.testing.assert_close(vit.blocks[3].mlp.fc1.weight, state["encoder.layer.3.mlp.weights_in.weight"])
+    torch.testing.assert_close(vit.pos_embed, state["embeddings.position_embeddings"])  # same 4x4 grid
+
+
 def release_checkpoint(reference, donor: EoMT) -> dict:
     """The release's EoMT-7B layout: the Dinov2Model renamed by its `transformers_to_timm` (embeddings ->
     patch_embed, layer -> blocks, no mask token), Transformers 4 names, the heads of `donor`."""
@@ -135,6 +156,7 @@ def test_release_7b_checkpoint_gives_the_transformers_backbone_outputs(tmp_path)
             if i == NARROW["num_hidden_layers"] - 2:
                 tokens = torch.cat((donor.q.weight.expand(2, -1, -1), tokens), dim=1)
             tokens = layer(tokens)
+            tokens = tokens[0] if isinstance(tokens, tuple) else tokens  # Transformers 4 returns a tuple
         tokens = reference.layernorm(tokens)
         queries, patches = tokens[:, :7], tokens[:, 8:]
         pixels = donor.upscale(patches.transpose(1, 2).reshape(2, -1, 6, 6))
@@ -173,11 +195,30 @@ def test_dinov3_7b_blocks_train_on_a_narrow_stand_in():
     assert network.backbone.blocks[0].gamma_1 is not None  # layer scale, as DINOv3-7B has
 
 
-def test_release_7b_loads_by_name_with_its_preset():
-    overrides = model_zoo.with_preset(["checkpoint=tue-mps/coco_panoptic_eomt_7b_640"])
+def test_release_7b_loads_by_name_with_its_preset(tmp_path, monkeypatch):
+    """`checkpoint=tue-mps/coco_panoptic_eomt_7b_640` from the offline cache: its preset (640 px, 5 query
+    blocks, 200 queries, 133 classes) with a narrow backbone, the weights at a 37x37 position grid."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    narrow = [f"model.backbone_config.{k}={NARROW[k]}" for k in ("hidden_size", "num_attention_heads")]
+    narrow.append("model.backbone_config.num_hidden_layers=6")
+    overrides = model_zoo.with_preset([*narrow, "checkpoint=tue-mps/coco_panoptic_eomt_7b_640"])
     assert "experiment=coco_panoptic_webssl_vit_7b_640" in overrides
     model_cfg = compose([o for o in overrides if not o.startswith("checkpoint=")]).model
     model_zoo.check_fits("tue-mps/coco_panoptic_eomt_7b_640", model_cfg)  # the preset is its network
+    reference = transformers_dinov2(num_hidden_layers=6, image_size=37 * 16)
+    donor = build_model({**OmegaConf.to_container(model_cfg, resolve=True), "pretrained": False})
+    torch.save({"state_dict": release_checkpoint(reference, donor)}, tmp_path / "pytorch_model.bin")
+    cache_repo(
+        tmp_path / "cache",
+        "tue-mps/coco_panoptic_eomt_7b_640",
+        {"pytorch_model.bin": tmp_path / "pytorch_model.bin"},
+    )
+
+    loaded = api.load(narrow, checkpoint="tue-mps/coco_panoptic_eomt_7b_640")
+    torch.testing.assert_close(loaded.class_head.weight, donor.class_head.weight)
+    torch.testing.assert_close(loaded.backbone.norm.weight, reference.layernorm.weight)
+    assert loaded.backbone.pos_embed.shape[1] == 1 + 40 * 40
 
 
 def test_hub_backbone_errors_are_one_line(tmp_path, monkeypatch):
@@ -192,5 +233,6 @@ def test_hub_backbone_errors_are_one_line(tmp_path, monkeypatch):
         )
     with pytest.raises(ConfigError, match="num_register_tokens"):
         create_backbone(WEBSSL, (64, 64), 16, pretrained=False, config={**NARROW, "num_register_tokens": 4})
-    with pytest.raises(ValueError, match="model.backbone_config=null"):
+    assert not is_hub_backbone("hf-hub:timm/vit_small_patch14_reg4_dinov2.lvd142m")  # timm's own hub names
+    with pytest.raises(ConfigError, match="model.backbone_config=null"):
         create_backbone("vit_small_patch14_reg4_dinov2", (64, 64), 16, pretrained=False, config=NARROW)

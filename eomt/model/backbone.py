@@ -16,6 +16,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from eomt.errors import ConfigError
 from eomt.model.attention import qkv_projection
 from eomt.model.blocks import rehouse_blocks
 from eomt.model.registry import lookup
@@ -49,7 +50,7 @@ def create_backbone(
             name, img_size, patch_size, pretrained, pretrained_file, config, **kwargs
         )
     if config is not None:
-        raise ValueError(
+        raise ConfigError(
             f"model.backbone_config is set but model.backbone={name} is a timm model: it is for a "
             "Transformers hub backbone (org/name); set model.backbone_config=null"
         )

@@ -28,8 +28,9 @@ from eomt.model.weight_formats import HF_DINOV2, read_tensors, resample_position
 
 
 def is_hub_backbone(name: str) -> bool:
-    """Whether `model.backbone` names a Transformers hub repo (org/name) rather than a timm model."""
-    return "/" in name
+    """Whether `model.backbone` names a Transformers hub repo (org/name) rather than a timm model (a timm
+    name has no slash, or a scheme: `hf-hub:org/name`)."""
+    return "/" in name and ":" not in name
 
 
 def transformers_config(

@@ -190,21 +190,16 @@ _DINOV3_LAYER = (
     KeyRule("layer_scale2.lambda1", "gamma_2"),
 )
 
-# Transformers' Dinov2Layer <-> timm vision_transformer.Block, in both of Transformers' key sets: 4.x
-# (what hub checkpoints hold) and 5.x (what Dinov2Model.state_dict() gives since).
+# Transformers' Dinov2Layer <-> timm vision_transformer.Block: the EomtLayer's rules with Dinov2's o_proj
+# (Transformers 5, what Dinov2Model.state_dict() gives), and 4.x's names (what hub checkpoints hold).
 _HF_DINOV2_BLOCK = (
-    KeyRule("norm1.{p}", "norm1.{p}"),
-    KeyRule("attention.attention.query.{p}", "attn.qkv.{p}", 0, 3),
-    KeyRule("attention.attention.key.{p}", "attn.qkv.{p}", 1, 3),
-    KeyRule("attention.attention.value.{p}", "attn.qkv.{p}", 2, 3),
-    KeyRule("attention.output.dense.{p}", "attn.proj.{p}"),
-    KeyRule("attention.q_proj.{p}", "attn.qkv.{p}", 0, 3),
-    KeyRule("attention.k_proj.{p}", "attn.qkv.{p}", 1, 3),
-    KeyRule("attention.v_proj.{p}", "attn.qkv.{p}", 2, 3),
+    *(rule for rule in _HF_DINOV2_LAYER if not rule.external.startswith("attention.out_proj")),
     KeyRule("attention.o_proj.{p}", "attn.proj.{p}"),
-    KeyRule("layer_scale1.lambda1", "ls1.gamma"),
-    KeyRule("norm2.{p}", "norm2.{p}"),
-    KeyRule("layer_scale2.lambda1", "ls2.gamma"),
+    *(
+        KeyRule(f"attention.attention.{name}.{{p}}", "attn.qkv.{p}", part, 3)
+        for part, name in enumerate(("query", "key", "value"))
+    ),
+    KeyRule("attention.output.dense.{p}", "attn.proj.{p}"),
     KeyRule("mlp.weights_in.{p}", "mlp.fc1.{p}"),  # 4.x SwiGLU: [gate | up] in one, as timm's SwiGLUPacked
     KeyRule("mlp.weights_out.{p}", "mlp.fc2.{p}"),
 )
