@@ -343,13 +343,8 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
     fp32 = 4 * num_params
     if strategy == "ddp":
         buckets = fp32 if gpus > 1 else 0  # DDP's reducer copies the gradients into its buckets
-        at_peak = trace.at_peak
-        at_step = {
-            "param": fp32,
-            "grad": fp32,
-            "act": 0,
-        }  # the optimiser step: every gradient, no activations
-        parts = max(at_peak, at_step, key=lambda d: sum(d.values()))
+        at_step = {"param": fp32, "grad": fp32, "act": 0}  # the optimiser step: all gradients, no activations
+        parts = max(trace.at_peak, at_step, key=lambda d: sum(d.values()))
         weights, gradients, activations, unsharded = parts["param"], parts["grad"], parts["act"], buckets
         optimizer = ADAMW_STATE_BYTES * num_params
     else:
