@@ -54,26 +54,28 @@ ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq in fp32 per parameter
 
 # --- counting live tensor bytes -------------------------------------------------------------------
 class LiveBytes(TorchDispatchMode):
-    """Bytes of every tensor storage alive, by kind (`param`, `grad`, `act`: everything else), and the
-    peaks of the total and of `act`, updated after every operation.
+    """Bytes of every tensor storage alive, by kind (`param`, `grad`, `act`: everything else), and their
+    peak (`peak`, and `at_peak`: the kinds then), updated after every operation.
 
     A storage counts from the operation that makes it (or `track`) until Python frees it. Under a
     FakeTensorMode, operations whose tensor inputs are all real (and, inside `host_values()`, factory
     calls) run for real: the few small index tensors whose values a step's host code reads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
         super().__init__()
         self.bytes = {"param": 0, "grad": 0, "act": 0}
-        self.peak = 0
-        self.peak_act = 0
-        self.at_peak = dict(self.bytes)  # `bytes` when the total peaked
+        self.weights = {"param": 1.0, "grad": 1.0, "act": 1.0, **(weights or {})}
+        self.peak = 0.0
+        self.at_peak = dict(self.bytes)  # `bytes` when the weighted total peaked
         self._kinds: dict[int, list] = {}  # id(storage) -> [kind, nbytes]
         self._real_factories = False
 
     @property
-    def total(self) -> int:
-        return sum(self.bytes.values())
+    def total(self) -> float:
+        """The bytes alive, each kind times its weight (1 unless given: fsdp's planner counts the traced
+        gradients as the shards they become and the traced weights not at all)."""
+        return sum(self.weights[kind] * nbytes for kind, nbytes in self.bytes.items())
 
     def track(self, tensor: Tensor, kind: str = "act") -> None:
         """Count `tensor`'s storage as `kind` (re-labels a storage counted already)."""
@@ -99,7 +101,6 @@ class LiveBytes(TorchDispatchMode):
     def _update_peaks(self) -> None:
         if self.total > self.peak:
             self.peak, self.at_peak = self.total, dict(self.bytes)
-        self.peak_act = max(self.peak_act, self.bytes["act"])
 
     @contextmanager
     def host_values(self):
@@ -143,14 +144,6 @@ class PlannedMatcher(HungarianMatcher):
 
 
 # --- one traced training step ---------------------------------------------------------------------
-@dataclass
-class StepTrace:
-    """What one training step's trace saw, in bytes."""
-
-    at_peak: dict[str, int]  # param, grad, act bytes alive when their sum peaked
-    peak_activations: int  # activations and temporaries alone at their worst moment
-
-
 def build_fake_model(
     model_cfg: DictConfig, mode: FakeTensorMode, dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -232,9 +225,9 @@ def trace_step(
     micro_batches: int,
     intermediate_losses: bool,
     meter: LiveBytes,
-) -> StepTrace:
+) -> dict[str, int]:
     """`forward_backward` over `micro_batches` micro-batches (gradients accumulate) on fake tensors,
-    counted by `meter`."""
+    counted by `meter` -> the param, grad and act bytes alive when their sum peaked."""
     handles = watch_grads(model, meter)
     for t in [images] + [t["masks"] for t in targets]:  # the batch on the device
         meter.track(t)
@@ -254,7 +247,7 @@ def trace_step(
     finally:
         for handle in handles:
             handle.remove()
-    return StepTrace(meter.at_peak, meter.peak_act)
+    return meter.at_peak
 
 
 # --- from a trace to bytes per GPU ----------------------------------------------------------------
@@ -270,7 +263,7 @@ class Plan:
     accumulation: int
     num_params: int
     weights: int  # fp32 weights (fsdp: this GPU's shard)
-    gradients: int  # fp32 gradients alive at the peak (fsdp: the shard)
+    gradients: int  # fp32 gradients alive at the peak (fsdp: their shards)
     optimizer: int  # AdamW's two moments (fsdp: the shard)
     activations: int  # activations and temporaries at the peak, the batch included
     unsharded: int  # ddp: gradient buckets; fsdp: gathered bf16 weights (root, a block and the next) and a block's gradients
@@ -329,7 +322,11 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
         images, batch = synthetic_batch(micro, crop, targets, cfg.dataset.num_classes)
     for target in batch:
         target["labels"] = torch.arange(targets) % cfg.dataset.num_classes  # real: the host reads them
-    trace = trace_step(
+    compute_bytes = 2 if amp_dtype is not None else 4
+    shard = math.ceil(num_params / gpus)
+    # fsdp: the gathered weights are arithmetic (below), and a block's traced gradient becomes its shard
+    sharded = {"param": 0.0, "grad": 4 * shard / (compute_bytes * num_params)} if strategy == "fsdp" else None
+    traced = trace_step(
         model,
         criterion,
         images,
@@ -337,29 +334,33 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
         amp_dtype,
         min(accum, 2),
         cfg.trainer.intermediate_losses,
-        LiveBytes(),
+        LiveBytes(sharded),
     )
 
     fp32 = 4 * num_params
     if strategy == "ddp":
         buckets = fp32 if gpus > 1 else 0  # DDP's reducer copies the gradients into its buckets
         at_step = {"param": fp32, "grad": fp32, "act": 0}  # the optimiser step: all gradients, no activations
-        parts = max(trace.at_peak, at_step, key=lambda d: sum(d.values()))
+        parts = max(traced, at_step, key=lambda d: sum(d.values()))
         weights, gradients, activations, unsharded = parts["param"], parts["grad"], parts["act"], buckets
         optimizer = ADAMW_STATE_BYTES * num_params
     else:
-        shard = math.ceil(num_params / gpus)
-        compute_bytes = 2 if amp_dtype is not None else 4
-        weights, gradients, optimizer = 4 * shard, 4 * shard, ADAMW_STATE_BYTES * shard
-        activations = trace.peak_activations
         if accum == 1:
             # The root's weights stay gathered; a block is gathered while the next one is prefetched, and
             # a block's gradients exist unsharded (compute dtype, then fp32 for the reduce-scatter).
-            unsharded = compute_bytes * (root_params + 2 * block_params) + (compute_bytes + 4) * block_params
+            gathered = compute_bytes * (root_params + 2 * block_params) + (compute_bytes + 4) * block_params
         else:
             # Between micro-batches nothing is resharded (eomt.parallel.gradient_sync): every weight stays
             # gathered and the unsharded gradients accumulate in fp32 until the step's last micro-batch.
-            unsharded = (compute_bytes + 4) * num_params
+            gathered = (compute_bytes + 4) * num_params
+        # At the trace's peak only the gradients of the blocks done by then exist, as their shards; at the
+        # optimiser step every shard and no activations.
+        grads = round(traced["grad"] * sharded["grad"])
+        at_peak = {"grad": grads, "act": traced["act"], "gathered": gathered}
+        at_step = {"grad": 4 * shard, "act": 0, "gathered": 0}
+        parts = max(at_peak, at_step, key=lambda d: sum(d.values()))
+        weights, optimizer = 4 * shard, ADAMW_STATE_BYTES * shard
+        gradients, activations, unsharded = parts["grad"], parts["act"], parts["gathered"]
     return Plan(
         name=name or cfg.get("name", "-"),
         strategy=strategy,
