@@ -35,7 +35,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch._C._profiler import _EventType
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
@@ -214,6 +216,30 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def measured_cpu_peak(step: Callable[[], None], alive: Sequence[Tensor] = ()) -> int:
+    """Peak bytes of a real `step()` on the CPU, to check the planner against: the storages of `alive`
+    (what exists before it: weights, optimiser state) plus the highest running sum of every allocation
+    and free that torch.profiler(profile_memory=True) records during it."""
+    before = sum(t.untyped_storage().nbytes() for t in alive)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []
+
+    def walk(event) -> None:
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+        for child in event.children:
+            walk(child)
+
+    for event in prof.profiler.kineto_results.experimental_event_tree():
+        walk(event)
+    running = highest = 0
+    for _, nbytes in sorted(events):
+        running += nbytes
+        highest = max(highest, running)
+    return before + highest
 
 
 def trace_step(

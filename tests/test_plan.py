@@ -3,8 +3,6 @@
 import pytest
 import torch
 from hydra.utils import instantiate
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 from eomt import plan
 from eomt.config import compose
@@ -15,26 +13,10 @@ from eomt.parallel import apply_activation_checkpointing, checkpoint_every
 TARGETS = 6  # masks per image, in the measured step and the estimate alike
 
 
-def allocation_events(prof) -> list[tuple[int, int]]:
-    """(time ns, bytes: + allocated, - freed) of every CPU allocation the profiler recorded."""
-    out = []
-
-    def walk(event):
-        if event.tag == _EventType.Allocation:
-            out.append((event.start_time_ns, event.extra_fields.alloc_size))
-        for child in event.children:
-            walk(child)
-
-    for event in prof.profiler.kineto_results.experimental_event_tree():
-        walk(event)
-    return sorted(out)
-
-
 def measured_step_peak(cfg, targets: int) -> int:
     """Peak bytes of one real training step on the CPU (`plan.train_step`: the loop's forward, loss with
-    the real matcher, backward, clipping, fused AdamW) in steady state (AdamW's moments exist): the bytes
-    alive before the step plus the highest running sum of the allocations and frees that
-    torch.profiler(profile_memory=True) records during it."""
+    the real matcher, backward, clipping, fused AdamW) in steady state (AdamW's moments exist), as
+    `plan.measured_cpu_peak` records it."""
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     apply_activation_checkpointing(model, checkpoint_every(cfg.trainer.activation_checkpointing))
@@ -52,14 +34,7 @@ def measured_step_peak(cfg, targets: int) -> int:
     alive = list(model.parameters()) + [
         t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
     ]
-    before = sum(t.untyped_storage().nbytes() for t in alive)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    running, highest = 0, 0
-    for _, nbytes in allocation_events(prof):
-        running += nbytes
-        highest = max(highest, running)
-    return before + highest
+    return plan.measured_cpu_peak(step, alive)
 
 
 @pytest.mark.slow
@@ -111,14 +86,11 @@ def test_activations_grow_with_the_micro_batch_and_shrink_with_checkpointing():
 
 
 def test_the_trace_allocates_nothing_real():
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        estimate = _plan(["model=vit_s", "model.pretrained=false", "dataset.crop_size=[448,448]"])
-    running, highest = 0, 0
-    for _, nbytes in allocation_events(prof):
-        running += nbytes
-        highest = max(highest, running)
-    assert estimate.total > 1e9  # a step of about 1 GB on fake tensors ...
-    assert highest < 0.02 * estimate.total  # ... while the planner's own real tensors stay small
+    plans = []
+    overrides = ["model=vit_s", "model.pretrained=false", "dataset.crop_size=[448,448]"]
+    real = plan.measured_cpu_peak(lambda: plans.append(_plan(overrides)))
+    assert plans[0].total > 1e9  # a step of about 1 GB on fake tensors ...
+    assert real < 0.02 * plans[0].total  # ... while the planner's own real tensors stay small
 
 
 def test_table_names_the_fastest_option_that_fits_each_card():
