@@ -11,6 +11,8 @@ and <out>/gpu_check.md (the summary). A step that fails or times out is reported
   ViT-L with `mode=max-autotune` (CUDA graphs): images/s, GFLOPs, peak memory;
 - a training step, ViT-L 640 bf16, eager and compiled (regional) side by side, masked attention mid-annealing
   and off: images/s, peak memory, first-step compile time, graphs, recompilations and graph breaks;
+- the memory planner (`python -m eomt.plan`) against torch.cuda.max_memory_allocated of a real step,
+  ViT-L 640 bf16 with 4 images, without and with activation checkpointing (bench/plan_check.py);
 - `experiment=demo` trained end to end on the GPU (bf16, compiled) and its PQ;
 - `pytest -m gpu`.
 """
@@ -34,7 +36,7 @@ GOAL_IMAGES_PER_S = 200.0  # ViT-L 640 bf16 batch 1 on an H100-class GPU (the pa
 @dataclass
 class Step:
     name: str
-    kind: str  # forward | train_step | demo | tests
+    kind: str  # forward | train_step | plan_check | demo | tests
     cmd: list[str]
     timeout_s: int
     result_file: str | None = None
@@ -89,6 +91,15 @@ def plan(out: Path, python: str) -> list[Step]:
             str(train_json),
         )
     )
+
+    def plan_check(checkpointing: str) -> None:
+        result = out / f"plan_check_vit_l_{checkpointing}.json"
+        cmd = [python, "bench/plan_check.py", "experiment=coco_panoptic_vit_l_640", "trainer.batch_size=4"]
+        cmd += [f"trainer.activation_checkpointing={checkpointing}", "--json", str(result)]
+        name = f"memory plan vs measured vit_l 640 checkpointing={checkpointing}"
+        steps.append(Step(name, "plan_check", cmd, 150, str(result)))
+
+    plan_check("none")
     demo_dir = out / "demo" / "0_demo"
     steps.append(
         Step(
@@ -108,6 +119,7 @@ def plan(out: Path, python: str) -> list[Step]:
             180,
         )
     )
+    plan_check("blocks")
     forward("vit_l", "eager", True, 90)
     forward("vit_l", "default", True, 180)
     forward("vit_s", "eager", False, 60)
@@ -206,6 +218,15 @@ def summary_markdown(report: dict) -> str:
                     f"{r['graphs']} | {r['recompiles']} | {r['graph_breaks']} |"
                 )
             lines.append("")
+        if s["kind"] == "plan_check" and s["status"] == "ok":
+            r = s["result"]
+            lines += [
+                f"## Memory planner, ViT-L 640, {r['micro_batch']} images, checkpointing {r['checkpointing']}",
+                "",
+                f"estimate {r['estimate_gib']:.2f} GiB, measured {r['measured_gib']:.2f} GiB "
+                f"(estimate / measured {r['ratio']:.2f})",
+                "",
+            ]
         if s["kind"] == "demo" and s["status"] == "ok":
             pq = (s["result"] or {}).get("metrics", {}).get("PQ")
             lines += [

@@ -31,6 +31,8 @@ def test_arguments_and_dry_run_list_every_measurement_the_issue_asks_for(tmp_pat
             for masked in ("off", "on"):
                 assert f"forward {model} {mode} masked={masked}" in names
     assert "forward vit_l max-autotune masked=off" in names
+    for checkpointing in ("none", "blocks"):
+        assert f"memory plan vs measured vit_l 640 checkpointing={checkpointing}" in names
     assert {"train step vit_l compile off/on", "demo end to end (bf16, compiled)", "pytest -m gpu"} <= set(
         names
     )
@@ -135,6 +137,21 @@ def _report() -> dict:
             result=gpu_check.pytest_counts("7 passed, 2 deselected in 30.0s"),
         ),
         gpu_check.Step("forward vit_s eager masked=off", "forward", [], 1, status="skipped (budget)"),
+        gpu_check.Step(
+            "memory plan vs measured vit_l 640 checkpointing=none",
+            "plan_check",
+            [],
+            1,
+            status="ok",
+            seconds=40,
+            result={
+                "micro_batch": 4,
+                "checkpointing": "none",
+                "estimate_gib": 18.0,
+                "measured_gib": 20.0,
+                "ratio": 0.9,
+            },
+        ),
     ]
     from dataclasses import asdict
 
@@ -159,3 +176,4 @@ def test_summary_tables_come_from_the_results():
     assert "7 passed, 2 deselected" in md
     assert "| forward vit_l default masked=on | timeout | 180 | over 180 s |" in md
     assert "| forward vit_s eager masked=off | skipped (budget) | 0 |  |" in md
+    assert "estimate 18.00 GiB, measured 20.00 GiB (estimate / measured 0.90)" in md
