@@ -49,7 +49,7 @@ from eomt.preemption import PreemptionHandler, TrainingStopped, ignore_in_datalo
 from eomt.profiling import LoadMeter, bf16_peak_flops, gflops_per_image, training_mfu
 from eomt.run_info import write_run_info
 from eomt.tb_hparams import log_hparams, sweep_hparams
-from eomt.training import annealing_probs, annealing_windows, param_groups, set_lr
+from eomt.training import annealing_probs, annealing_windows, batch_layout, param_groups, set_lr
 
 log = logging.getLogger("eomt.train")
 
@@ -61,17 +61,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # --- the parts of a run ---------------------------------------------------------------------------
-def batch_layout(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
-    """(micro-batch per rank, accumulation steps) so that micro * world * accum == batch_size."""
-    micro = micro_batch_size or max(1, batch_size // world_size)
-    if batch_size % (micro * world_size):
-        raise ConfigError(
-            f"trainer.batch_size={batch_size} is not a multiple of micro_batch_size={micro} x {world_size} "
-            "ranks; choose trainer.micro_batch_size so that it divides"
-        )
-    return micro, batch_size // (micro * world_size)
-
-
 @dataclass
 class TrainData:
     """The training split in a resumable order: `micro` images per rank, `accum` micro-batches per step."""

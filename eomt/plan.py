@@ -46,6 +46,7 @@ from eomt.device import AMP_DTYPES
 from eomt.errors import ConfigError, user_errors
 from eomt.model import build_model
 from eomt.parallel import apply_activation_checkpointing, check_strategy, checkpoint_every
+from eomt.training.batch_layout import batch_layout
 from eomt.training.matcher import HungarianMatcher
 
 GB = 1e9  # GPU memory as vendors state it: 40, 80, 141 GB
@@ -302,18 +303,6 @@ class Plan:
         return self.total <= HEADROOM * gb * GB
 
 
-def layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
-    """(micro-batch per GPU, accumulation steps), as train.py splits trainer.batch_size."""
-    batch = cfg.trainer.batch_size
-    micro = cfg.trainer.micro_batch_size or max(1, batch // gpus)
-    if batch % (micro * gpus):
-        raise ConfigError(
-            f"trainer.batch_size={batch} is not a multiple of micro_batch_size={micro} x gpus={gpus}; "
-            "choose gpus or trainer.micro_batch_size so that it divides"
-        )
-    return micro, batch // (micro * gpus)
-
-
 def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | None = None) -> Plan:
     """The peak memory per GPU of one training step of `cfg` (trainer.strategy, .activation_checkpointing,
     .precision, .batch_size) on `gpus` GPUs, with `targets` masks per image."""
@@ -323,7 +312,7 @@ def plan_memory(cfg: DictConfig, gpus: int = 4, targets: int = 50, name: str | N
         raise ConfigError(f"gpus={gpus} must be at least 1")
     strategy = cfg.trainer.strategy
     every = checkpoint_every(cfg.trainer.activation_checkpointing)
-    micro, accum = layout(cfg, gpus)
+    micro, accum = batch_layout(cfg.trainer.batch_size, cfg.trainer.micro_batch_size, gpus)
     amp_dtype = AMP_DTYPES[cfg.trainer.precision]
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)

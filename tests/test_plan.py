@@ -23,7 +23,7 @@ def measured_step_peak(cfg, targets: int) -> int:
     criterion = instantiate(cfg.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     amp_dtype = plan.AMP_DTYPES[cfg.trainer.precision]
-    micro, _ = plan.layout(cfg, 1)
+    micro = cfg.trainer.micro_batch_size or cfg.trainer.batch_size
     model.set_attn_mask_probs([0.5] * model.num_blocks)  # as the planner: mid-annealing
 
     def step():
