@@ -19,6 +19,7 @@ that loading a `.pt` file (eomt.api, eomt.predict) does not pay for it.
 
 from __future__ import annotations
 
+import inspect
 import io
 import pickle
 import warnings
@@ -219,7 +220,7 @@ def read_full(path: str | Path, parts: tuple[str, ...] | None = None) -> dict[st
                 flat,
                 storage_reader=reader(path),
                 planner=planner(flatten_state_dict=False, flatten_sharded_tensors=False),
-                no_dist=True,
+                **_in_this_process_alone(dcp.load),
             )
     except (Exception, CheckpointException) as error:
         raise CheckpointError(f"{path} cannot be read: {_first_line(_first_failure(error))}") from error
@@ -227,6 +228,12 @@ def read_full(path: str | Path, parts: tuple[str, ...] | None = None) -> dict[st
     for key, value in flat.items():
         _set(nested, where.get(key, (key,)), value)
     return nested
+
+
+def _in_this_process_alone(load: Any) -> dict[str, bool]:
+    """`no_dist=True` where DCP's load takes it (newer torch); older ones read alone when no process group
+    is initialised, and collectively otherwise."""
+    return {"no_dist": True} if "no_dist" in inspect.signature(load).parameters else {}
 
 
 def _set(nested: dict, route: tuple, value: Any) -> None:
