@@ -41,6 +41,7 @@ from eomt.evaluation import Evaluation
 from eomt.parallel import (
     UnshardedCopy,
     check_strategy,
+    checkpoint_every,
     clip_grad_norm,
     gradient_sync,
     wrap_for_training,
@@ -271,9 +272,11 @@ def banner(run: Run, start: int, checkpoint: Path | None) -> str:
     """What this run is about to do, logged first: where, from what, to where, on what."""
     data, cfg = run.data, run.cfg
     origin = f"resumed from {checkpoint} at step {start}" if checkpoint else "fresh start at step 0"
+    every = checkpoint_every(cfg.trainer.activation_checkpointing)
+    recompute = {0: "", 1: ", blocks recomputed"}.get(every, f", 1 block in {every} recomputed")
     return (
         f"run {run.run_dir}: {origin}, last step {run.last_step} of {run.total_steps}\n"
-        f"  {run.world_size} rank(s) on {run.device}, precision {run.precision}, "
+        f"  {run.world_size} rank(s) on {run.device} ({cfg.trainer.strategy}{recompute}), precision {run.precision}, "
         f"batch {cfg.trainer.batch_size} = {data.micro} per micro-batch x {run.world_size} rank(s) x "
         f"{data.accum} accumulation step(s), {data.steps_per_epoch} steps per epoch"
     )

@@ -241,7 +241,7 @@ def test_a_run_starts_with_a_banner_logs_its_progress_and_a_finished_run_says_so
     run(tmp_path, "trainer.max_steps=2", "trainer.log_every_steps=2")
     assert f"run {tmp_path}: fresh start at step 0, last step 2 of " in caplog.text
     assert (
-        "1 rank(s) on cpu, precision fp32, batch 4 = 4 per micro-batch x 1 rank(s) x 1 accumulation"
+        "1 rank(s) on cpu (ddp), precision fp32, batch 4 = 4 per micro-batch x 1 rank(s) x 1 accumulation"
         in caplog.text
     )
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
