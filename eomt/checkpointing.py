@@ -34,10 +34,8 @@ from eomt.model.weight_formats import load_weights_only
 log = logging.getLogger(__name__)
 
 _STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")  # step_N.pt files, sharded step_N/ directories
-_SHARDED_PARTS = (
-    "model",
-    "optimizer",
-)  # what a sharded checkpoint holds through DCP; the rest: train_state.pt
+# What a sharded checkpoint holds through DCP; the rest goes into its train_state.pt.
+_SHARDED_PARTS = ("model", "optimizer")
 
 
 def atomic_save(obj: Any, path: str | Path, note: str = "") -> None:

@@ -273,9 +273,10 @@ HF_EOMT_DINOV3 = Layout(
     ignored=("criterion.{rest}", "embeddings.mask_token"),
 )
 
+_AUTHORS_BACKBONE = "network.encoder.backbone."  # the release keeps its backbone under this
 AUTHORS_DINOV2 = Layout(
     name="authors' EoMT release (DINOv2)",
-    rules=(KeyRule("network.encoder.backbone.{rest}", "backbone.{rest}"), *_AUTHORS_HEADS),
+    rules=(KeyRule(_AUTHORS_BACKBONE + "{rest}", "backbone.{rest}"), *_AUTHORS_HEADS),
     ignored=_AUTHORS_IGNORED,
 )
 
@@ -287,7 +288,6 @@ HF_DINOV2 = Layout(
     position_embedding_at_source_grid=True,
 )
 
-_AUTHORS_BACKBONE = "network.encoder.backbone."
 # The release's EoMT-7B: the Dinov2Model renamed by `transformers_to_timm`; its final norm keeps
 # Transformers' name (`layernorm`) or timm's (`norm`).
 AUTHORS_HF_DINOV2 = Layout(
@@ -304,20 +304,17 @@ AUTHORS_HF_DINOV2 = Layout(
     position_embedding_at_source_grid=True,
 )
 
-_AUTHORS_DINOV3_BACKBONE = "network.encoder.backbone."
 AUTHORS_DINOV3_DELTA = Layout(
     name="authors' EoMT release (DINOv3, backbone as delta)",
     rules=(
-        KeyRule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.cls_token", "backbone.cls_token"),
-        KeyRule(_AUTHORS_DINOV3_BACKBONE + "patch_embed.register_tokens", "backbone.reg_token"),
-        KeyRule(
-            _AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"
-        ),
-        KeyRule(_AUTHORS_DINOV3_BACKBONE + "norm.{p}", "backbone.norm.{p}"),
-        *_nest(_DINOV3_LAYER, _AUTHORS_DINOV3_BACKBONE + "blocks.{i}.", "backbone.blocks.{i}."),
+        KeyRule(_AUTHORS_BACKBONE + "patch_embed.cls_token", "backbone.cls_token"),
+        KeyRule(_AUTHORS_BACKBONE + "patch_embed.register_tokens", "backbone.reg_token"),
+        KeyRule(_AUTHORS_BACKBONE + "patch_embed.patch_embeddings.{p}", "backbone.patch_embed.proj.{p}"),
+        KeyRule(_AUTHORS_BACKBONE + "norm.{p}", "backbone.norm.{p}"),
+        *_nest(_DINOV3_LAYER, _AUTHORS_BACKBONE + "blocks.{i}.", "backbone.blocks.{i}."),
         *_AUTHORS_HEADS,
     ),
-    ignored=(*_AUTHORS_IGNORED, _AUTHORS_DINOV3_BACKBONE + "patch_embed.mask_token"),
+    ignored=(*_AUTHORS_IGNORED, _AUTHORS_BACKBONE + "patch_embed.mask_token"),
     backbone_is_delta=True,
 )
 
@@ -327,7 +324,7 @@ OURS = Layout(name="eomt", rules=(KeyRule("{rest}", "{rest}"),))
 def detect_layout(state: Mapping[str, Tensor]) -> Layout | None:
     """The layout of a state dict, from its keys; None when it is none we know."""
     if "network.q.weight" in state:
-        if _AUTHORS_DINOV3_BACKBONE + "patch_embed.patch_embeddings.weight" in state:
+        if _AUTHORS_BACKBONE + "patch_embed.patch_embeddings.weight" in state:
             return AUTHORS_DINOV3_DELTA
         if _AUTHORS_BACKBONE + "patch_embed.patch_embeddings.projection.weight" in state:
             return AUTHORS_HF_DINOV2
