@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from eomt.errors import CheckpointError, ConfigError
-from eomt.model.weight_formats import HF_DINOV2, read_tensors, resample_position_embedding
+from eomt.model.weight_formats import HF_DINOV2, key_differences, read_tensors, resample_position_embedding
 
 
 def is_hub_backbone(name: str) -> bool:
@@ -137,14 +137,8 @@ def load_pretrained(vit: VisionTransformer, path: Path, backbone: str) -> None:
             )
     if "pos_embed" in state:
         state["pos_embed"] = resample_position_embedding(state["pos_embed"], vit.patch_embed.grid_size)
-    expected = vit.state_dict()
-    differ = [f"{k} missing" for k in expected if k not in state]
-    differ += [f"{k} unexpected" for k in converted.unplaced + [k for k in state if k not in expected]]
-    differ += [
-        f"{k}: weights {tuple(v.shape)} vs network {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    mismatched, missing, unexpected = key_differences(state, vit.state_dict(), converted)
+    differ = [f"{k} missing" for k in missing] + [f"{k} unexpected" for k in unexpected] + mismatched
     if differ:
         raise CheckpointError(
             f"{path} ({HF_DINOV2.name}) does not fit model.backbone={backbone}: {len(differ)} keys differ, "

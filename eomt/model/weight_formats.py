@@ -29,7 +29,7 @@ import math
 import pickle
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -462,6 +462,26 @@ def _is_class_head(key: str) -> bool:
     return key.startswith("class_head.")
 
 
+def key_differences(
+    state: Mapping[str, Tensor],
+    expected: Mapping[str, Tensor],
+    converted: Converted,
+    kept: Callable[[str], bool] = lambda key: True,
+) -> tuple[list[str], list[str], list[str]]:
+    """How converted weights `state` differ from a network's `expected` state dict: (shape mismatches,
+    missing keys, unexpected keys), each entry a description; `kept`: the network keys that must be there."""
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    missing = [k for k in expected if k not in state and kept(k)]
+    missing += [f"{k} (in checkpoint, incomplete)" for k in converted.incomplete]
+    unexpected = [k for k in state if k not in expected]
+    unexpected += [f"{k} (checkpoint key with no place in EoMT)" for k in converted.unplaced]
+    return mismatched, missing, unexpected
+
+
 def load_checkpoint(
     model: nn.Module, checkpoint: str | Path | LoadedCheckpoint, skip_class_head: bool = False
 ) -> None:
@@ -478,15 +498,8 @@ def load_checkpoint(
     if skip_class_head:
         state = {k: v for k, v in state.items() if not _is_class_head(k)}
 
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    missing = [k for k in expected if k not in state and not (skip_class_head and _is_class_head(k))]
-    unexpected = [k for k in state if k not in expected]
-    unexpected += [f"{k} (checkpoint key with no place in EoMT)" for k in converted.unplaced]
-    missing += [f"{k} (in checkpoint, incomplete)" for k in converted.incomplete]
+    kept = (lambda k: not _is_class_head(k)) if skip_class_head else (lambda k: True)
+    mismatched, missing, unexpected = key_differences(state, expected, converted, kept)
     differ = (
         mismatched
         + [f"{k} missing from checkpoint" for k in missing]
