@@ -21,6 +21,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     """`config_name` from conf/ with command-line overrides, e.g. ["model=vit_s", "model.num_blocks=2"]."""
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         raise FileNotFoundError(f"no config {config_name}.yaml in {CONF_DIR}: pass an existing config_name")
+    check_group_choices(overrides)
     running_app = (
         get_gh_backup()
     )  # inside a Hydra app (evaluate.py loading a released model): put it back after
@@ -32,6 +33,20 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
         raise composition_error(e) from None
     finally:
         restore_gh_from_backup(running_app)
+
+
+def check_group_choices(overrides: Sequence[str]) -> None:
+    """Each `group=choice` override names a file of conf/<group>/. Hydra checks that itself, except for
+    the optional groups (experiment, debug, local), where a misspelt choice would be ignored in silence.
+    Hydra's own groups (hydra/launcher=...) also take its plugins' choices: left to Hydra."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+").partition("=")
+        group = CONF_DIR / key
+        if not sep or key.startswith("hydra") or not group.is_dir() or value in ("", "null") or "," in value or "$" in value:
+            continue
+        if not (group / f"{value}.yaml").is_file():
+            options = sorted(p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml"))
+            raise ConfigError(f"{key}={value} is not in conf/{key}/: use one of {'|'.join(options)}")
 
 
 def composition_error(error: HydraException) -> ConfigError:

@@ -164,6 +164,10 @@ def test_report_synthetic_and_a_bench_script(tmp_path):
     "args, message",
     [
         (["train.py", "model=vit_x"], "model=vit_x is not in conf/model/: use one of "),
+        (  # an optional group: Hydra alone would train the default network in silence
+            ["train.py", "experiment=coco_panoptic_vit_l_64"],
+            "experiment=coco_panoptic_vit_l_64 is not in conf/experiment/: use one of ",
+        ),
         (["train.py", "trainer.lr_typo=1"], "trainer.lr_typo is not a config key: check its spelling"),
         (
             ["evaluate.py", "checkpoint=x.pt", "dataset=kitti"],
