@@ -42,7 +42,14 @@ def check_group_choices(overrides: Sequence[str]) -> None:
     for override in overrides:
         key, sep, value = override.lstrip("+").partition("=")
         group = CONF_DIR / key
-        if not sep or key.startswith("hydra") or not group.is_dir() or value in ("", "null") or "," in value or "$" in value:
+        if (
+            not sep
+            or key.startswith("hydra")
+            or not group.is_dir()
+            or value in ("", "null")
+            or "," in value
+            or "$" in value
+        ):
             continue
         if not (group / f"{value}.yaml").is_file():
             options = sorted(p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml"))

@@ -20,8 +20,9 @@ SIGTERM and SIGINT usually reach the whole process group, DataLoader workers inc
 ignore SIGINT (and SIGUSR1/2) and keep serving; SIGTERM ends them as PyTorch sets it up (ignoring it
 would make the shutdown of the loader hang). Once a stop is requested the main process no longer
 lets PyTorch turn a worker's death into an exception at an arbitrary point (its SIGCHLD handler), and
-`next_batches()` fetches nothing more once a stop is pending and turns "a worker died" into "stop
-here", so the checkpoint holds exactly the state of the last finished step.
+`next_batches()` fetches nothing more once a stop is pending and turns "a worker died" (or "the link
+to a worker broke", which can come before this process has run its own handler for the signal) into
+"stop here", so the checkpoint holds exactly the state of the last finished step.
 
 Requeue paths, chosen in `finish()` on global rank 0:
 - inside a submitit job (the Hydra submitit launcher): submitit's own USR2 handler, which this class
@@ -41,6 +42,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +74,10 @@ _REASONS = {
 }
 EXIT_CODES = {StopReason.INTERRUPT: 130, StopReason.STOP: 0, StopReason.REQUEUE: 0}
 _WORKER_DIED = "DataLoader worker"  # how PyTorch's errors about dead workers begin
+# A worker killed while it hands over a batch: the main process reads a reset or closed connection
+# before PyTorch notices the death (its check needs the dead worker reaped).
+_WORKER_LINK_ERRORS = (ConnectionError, EOFError)
+SIGNAL_GRACE_S = 2.0  # how long a worker's death waits for the stop signal that may have caused it
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -131,7 +137,9 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, _quiet(previous) if previous is not None else signal.SIG_DFL)
         self._previous.clear()
-        if self._sigchld is not None:
+        # After a stop the process is on its way out with dead workers still registered with PyTorch:
+        # its handler would raise from whatever cleanup runs next. SIGCHLD stays quiet then.
+        if self._sigchld is not None and not self.stop_requested:
             signal.signal(signal.SIGCHLD, self._sigchld)
             self._sigchld = None
 
@@ -168,8 +176,17 @@ class PreemptionHandler:
         return bool(self._received)
 
     def killed_by_stop(self, error: BaseException) -> bool:
-        """`error` is a DataLoader's report of workers that the stop signal killed (not a real failure)."""
-        return self.stop_requested and str(error).startswith(_WORKER_DIED)
+        """`error` is a DataLoader's report of workers that the stop signal killed (not a real failure).
+
+        The workers may die before this process has run its own handler for the same signal: a
+        worker's death waits up to SIGNAL_GRACE_S for the stop to be recorded.
+        """
+        if not is_worker_death(error):
+            return False
+        deadline = time.monotonic() + SIGNAL_GRACE_S
+        while not self.stop_requested and time.monotonic() < deadline:
+            time.sleep(0.05)  # Python runs pending signal handlers between the sleeps
+        return self.stop_requested
 
     # --- the loop's side ----------------------------------------------------------------------
     def next_batches(self, batches: Iterator, count: int) -> list:
@@ -187,7 +204,7 @@ class PreemptionHandler:
                 break
             try:
                 taken.append(next(batches))
-            except RuntimeError as e:
+            except (RuntimeError, *_WORKER_LINK_ERRORS) as e:
                 if not self.killed_by_stop(e):
                     raise
                 taken = None
@@ -208,7 +225,7 @@ class PreemptionHandler:
         """Around other loaders (the evaluation's): their workers killed by the stop signal -> TrainingStopped."""
         try:
             yield
-        except RuntimeError as e:
+        except (RuntimeError, *_WORKER_LINK_ERRORS) as e:
             if not self.killed_by_stop(e):
                 raise
             self.check()  # every rank agrees (this one got the signal) and raises
@@ -277,6 +294,13 @@ class PreemptionHandler:
                 f"check {SUBMITIT_SIGNAL_ENV} or call install() inside the submitit job"
             )
         return handler
+
+
+def is_worker_death(error: BaseException) -> bool:
+    """`error` is how a DataLoader reports a dead worker: PyTorch's own error or a broken link to it."""
+    if isinstance(error, _WORKER_LINK_ERRORS):
+        return True
+    return isinstance(error, RuntimeError) and str(error).startswith(_WORKER_DIED)
 
 
 def ignore_in_dataloader_worker(worker_id: int) -> None:

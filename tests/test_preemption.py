@@ -2,10 +2,12 @@
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from eomt import distributed
+from eomt import distributed, preemption
 from eomt.preemption import (
     REQUEUE_ENV,
     PreemptionHandler,
@@ -37,10 +39,12 @@ def agreed_reason(handler: PreemptionHandler) -> StopReason:
 
 @pytest.fixture
 def handler():
+    sigchld = signal.getsignal(signal.SIGCHLD)  # a stop leaves it quiet for good: give PyTorch's back
     h = PreemptionHandler()
     h.install()
     yield h
     h.uninstall()
+    signal.signal(signal.SIGCHLD, sigchld)
 
 
 @pytest.fixture
@@ -164,13 +168,16 @@ def test_first_ctrl_c_stops_at_the_boundary_with_130_and_a_second_aborts(handler
 class _Batches:
     """An iterator standing in for a DataLoader's: `fail` makes it raise as for dead workers."""
 
-    def __init__(self, fail=False):
-        self.fail, self.calls = fail, 0
+    def __init__(self, fail=False, error=None):
+        self.calls = 0
+        self.error = error or (
+            RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly") if fail else None
+        )
 
     def __next__(self):
         self.calls += 1
-        if self.fail:
-            raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+        if self.error is not None:
+            raise self.error
         return self.calls
 
 
@@ -192,16 +199,35 @@ def test_next_batches_turns_dead_workers_into_a_stop_only_after_a_signal(handler
         handler.next_batches(_Batches(fail=True), 1)
 
 
-def test_a_stop_sets_aside_pytorchs_worker_death_handler(handler):
+def test_a_broken_link_to_a_dying_worker_is_a_stop_if_the_signal_follows(handler, monkeypatch):
+    """The worker dies of the SIGTERM before this process runs its handler for it: the read of the
+    batch it was handing over fails with a reset connection, which PyTorch passes on as it is."""
+    monkeypatch.setattr(preemption, "SIGNAL_GRACE_S", 0.3)
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    with pytest.raises(ConnectionResetError):
+        handler.next_batches(_Batches(error=reset), 1)  # no signal within the grace: a real failure
+    with pytest.raises(ValueError):
+        handler.next_batches(_Batches(error=ValueError("bad sample")), 1)  # not a worker's death
+    monkeypatch.setattr(preemption, "SIGNAL_GRACE_S", 5.0)
+    late_signal = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+    late_signal.start()
+    try:
+        with pytest.raises(TrainingStopped):
+            handler.next_batches(_Batches(error=reset), 1)
+    finally:
+        late_signal.join()
+
+
+def test_a_stop_sets_aside_pytorchs_worker_death_handler_until_exit(handler):
     calls = []
     previous = signal.signal(signal.SIGCHLD, lambda signum, frame: calls.append(signum))
     try:
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGCHLD)  # a worker died of the same SIGTERM: must not raise mid-step
-        assert calls == []
         handler.uninstall()
-        signal.raise_signal(signal.SIGCHLD)
-        assert calls == [signal.SIGCHLD]  # given back
+        signal.raise_signal(signal.SIGCHLD)  # nor from the cleanup on the way out
+        assert calls == []
+        assert signal.getsignal(signal.SIGTERM) != handler._on_signal  # the others are given back
     finally:
         signal.signal(signal.SIGCHLD, previous)
 
@@ -438,6 +464,65 @@ def test_a_signal_to_the_process_group_with_workers_saves_and_resumes(tmp_path, 
         torch.load(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)["step"]
         == stopped_at + 1
     )
+
+
+_HANDOVER_LOOP = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+from eomt.preemption import PreemptionHandler, TrainingStopped, ignore_in_dataloader_worker
+
+class Tensors(Dataset):  # every batch reaches the main process as shared memory, one fd per tensor
+    def __len__(self):
+        return 10**6
+
+    def __getitem__(self, i):
+        return torch.zeros(32, 32)
+
+handler = PreemptionHandler()
+handler.install()
+batches = iter(DataLoader(Tensors(), batch_size=2, num_workers=2, worker_init_fn=ignore_in_dataloader_worker))
+try:
+    for step in range(10**6):
+        handler.next_batches(batches, 1)
+        if step == 20:
+            print("looping", flush=True)
+        handler.check()
+except TrainingStopped:
+    handler.finish()
+finally:
+    handler.uninstall()
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_that_kills_workers_mid_handover_ends_with_the_stop_line(tmp_path):
+    """SIGTERM to the group at arbitrary moments of the loader's traffic: a worker may die while the
+    main process reads its batch (a reset connection, before this process ran its own handler), or
+    after the loop has stopped (PyTorch's SIGCHLD handler raising from the loader's cleanup)."""
+    script = tmp_path / "loop.py"
+    script.write_text(_HANDOVER_LOOP)
+    delays = random.Random(0)
+    for _ in range(8):
+        proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout.readline() == "looping\n"
+            time.sleep(delays.uniform(0.0, 0.3))
+            os.killpg(proc.pid, signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 0, stderr
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: no checkpoint written"), stderr
 
 
 @pytest.mark.slow
