@@ -2,7 +2,7 @@
 
 `.ci/run` starts the cluster before the suite; elsewhere these tests start it themselves when SLURM is
 installed, and skip (saying how to get one) when it cannot be started. Runs are `experiment=demo`
-sized on CPU; requeued jobs are released at once (`scontrol update StartTime=now`) instead of
+sized on CPU; requeued jobs are released after a few seconds (`scontrol update StartTime=now`) instead of
 waiting the ~2 minutes SLURM holds them.
 """
 
@@ -93,12 +93,26 @@ def job_info(env, job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+_held_since: dict[tuple[str, str], float] = {}  # (job id, its BeginTime) -> when first seen held
+REQUEUE_SETTLE_S = 3.0
+
+
 def release_held(env) -> None:
-    """Start requeued jobs now instead of after SLURM's ~2 minute BeginTime hold (with a fresh time limit)."""
-    out = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], env=env, capture_output=True, text=True)
+    """Start requeued jobs soon instead of after SLURM's ~2 minute BeginTime hold (with a fresh time limit).
+
+    Not at once: slurmd refuses a job whose credential was revoked (its previous run killed by the
+    requeue) in the same second ("Job credential revoked"), and the job then ends FAILED. SLURM's
+    hold is there for that; REQUEUE_SETTLE_S is enough on one machine.
+    """
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "PD", "-o", "%i|%r|%S"], env=env, capture_output=True, text=True
+    )
     for line in out.stdout.splitlines():
-        job_id, _, reason = line.partition(" ")
-        if reason.strip() == "BeginTime":
+        job_id, reason, begin = (line.split("|") + ["", ""])[:3]
+        if reason.strip() != "BeginTime":
+            continue
+        since = _held_since.setdefault((job_id, begin), time.monotonic())
+        if time.monotonic() - since >= REQUEUE_SETTLE_S:
             update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now", f"TimeLimit={LIMIT_MIN}"]
             subprocess.run(update, env=env, capture_output=True)
 
@@ -212,6 +226,11 @@ def sweep_story(launcher_output: str, sweep_dir: Path) -> str:
     parts = [f"--- launcher\n{without_progress(launcher_output)}"]
     for path in sorted(sweep_dir.glob(".submitit/*/*_log.*")):
         parts.append(f"--- {path.name}\n{without_progress(text(path), 25)}")
+    ctld_log = SLURM_DIR / "log" / "slurmctld.log"
+    if ctld_log.is_file():  # what the scheduler did with the jobs: starts, requeues, ends, refusals
+        events = ("Requeuing", "Allocate", "_start_job", "_job_complete", "Killing", "revoked", "error")
+        lines = [line for line in text(ctld_log).splitlines() if any(e in line for e in events)]
+        parts.append("--- slurmctld.log (scheduling events, the last 40)\n" + "\n".join(lines[-40:]))
     return "\n".join(parts)
 
 
