@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny random EoMT on either timm family."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +78,10 @@ def logged(run_dir, tag: str = "train/loss") -> dict[int, float]:
 
     events = EventAccumulator(str(run_dir)).Reload()
     return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
+def stepped(run_dir) -> bool:
+    """train.py's loop has finished a step (the first is always logged): a signal from now on stops it
+    at step 1 or later. Under load the first step can take tens of seconds after the loop starts."""
+    log = Path(run_dir) / "train.log"
+    return log.is_file() and re.search(r"\] step [1-9]\d*/\d+ ", log.read_text(errors="replace")) is not None

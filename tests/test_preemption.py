@@ -15,6 +15,7 @@ import cloudpickle
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import stepped
 
 from eomt import distributed, preemption
 from eomt.preemption import (
@@ -381,11 +382,9 @@ def test_train_py_checkpoints_on_the_signal_requeues_and_resumes(tmp_path, fake_
         )
     try:
         deadline = time.monotonic() + 300
-        # The TensorBoard writer is created after the handlers are installed: once its file exists,
-        # the loop is running and the signal is caught.
-        while not list(run_dir.glob("events.*")):
+        while not stepped(run_dir):
             assert proc.poll() is None, output.read_text()
-            assert time.monotonic() < deadline, "train.py did not start its loop within 300 s"
+            assert time.monotonic() < deadline, "train.py did not finish a step within 300 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGUSR2)
         proc.wait(timeout=300)
@@ -411,15 +410,15 @@ def test_train_py_checkpoints_on_the_signal_requeues_and_resumes(tmp_path, fake_
 
 
 def _start_and_wait_for_the_loop(cmd, run_dir: Path, env: dict, stderr_path: Path) -> subprocess.Popen:
-    """Start train.py in its own process group; return once its training loop runs."""
+    """Start train.py in its own process group; return once its training loop has finished a step."""
     with stderr_path.open("w") as err:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
         )
     deadline = time.monotonic() + 300
-    while not list(run_dir.glob("events.*")):  # written once the handlers are installed
+    while not stepped(run_dir):
         assert proc.poll() is None, stderr_path.read_text()
-        assert time.monotonic() < deadline, "train.py did not start its loop within 300 s"
+        assert time.monotonic() < deadline, "train.py did not finish a step within 300 s"
         time.sleep(0.2)
     time.sleep(1.0)  # a few steps in, the workers busy
     return proc

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stepped
 
 from eomt import report
 
@@ -416,7 +417,7 @@ def test_scancel_saves_at_the_step_boundary_and_stays_cancelled(slurm_env, tmp_p
             f"hydra.run.dir={run_dir}",
         ],
     )
-    wait_until(env, "the training loop", lambda: loop_running(run_dir), timeout=300)
+    wait_until(env, "the first training step", lambda: stepped(run_dir), timeout=300)
     time.sleep(2)
     # SIGTERM to every process of the step, the DataLoader workers included: they may die first.
     sh(env, "scancel", job_id)
